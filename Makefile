@@ -1,0 +1,39 @@
+# tncompress — set-up, tests, demo, benchmarks.
+# Uses the active virtual environment if there is one, else creates .venv here.
+SHELL := /bin/bash
+PYTHON ?= python3
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := $(CURDIR)/.venv
+endif
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tncompress-installed
+export TNCOMPRESS_DATA ?= $(abspath $(CURDIR)/../shared/data)
+
+.PHONY: install test demo bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Pinned, known-good torch/torchvision pair (requirements/constraints.txt); users' ranges are wider.
+$(STAMP): $(PY) pyproject.toml requirements/constraints.txt
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	bash scripts/demo.sh
+
+bench: install
+	$(PY) benchmarks/run.py $(ARGS)
+
+lint: install
+	$(PY) -m compileall -q tncompress tests
+
+clean:
+	rm -rf .venv build dist *.egg-info .pytest_cache demo-out

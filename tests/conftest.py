@@ -1,0 +1,103 @@
+"""Shared fixtures: small models saved in the formats users have, and a CLI runner."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from tncompress.cli import app
+
+torch.set_num_threads(2)
+
+
+class CliResult:
+    def __init__(self, exit_code: int, stdout: str, stderr: str) -> None:
+        self.exit_code, self.stdout, self.stderr = exit_code, stdout, stderr
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in-process; returns exit code, stdout and stderr."""
+    runner = CliRunner()
+
+    def run(*args: str) -> CliResult:
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=True)
+        if result.exception and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return CliResult(result.exit_code, result.stdout, result.stderr)
+
+    return run
+
+
+def assert_user_error(result: CliResult, *needles: str) -> None:
+    """A user mistake: exit 2, one `error:` line that mentions each needle, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+class SmallNet(nn.Module):
+    """A small conv + linear net exercising the things recipes select."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 32, (3, 1), padding=(1, 0), bias=False), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, groups=4), nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 8 * 8, 256), nn.ReLU(), nn.Linear(256, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+MODEL_DEF = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class UserNet(nn.Module):
+        def __init__(self, width=32):
+            super().__init__()
+            self.conv = nn.Conv2d(3, width, 3, padding=1)
+            self.fc = nn.Linear(width * 4 * 4, 64)
+            self.out = nn.Linear(64, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.conv(x))
+            x = torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+            return self.out(torch.relu(self.fc(x)))
+
+    def make(width=32):
+        return UserNet(width)
+''')
+
+
+@pytest.fixture
+def model_def(tmp_path: Path) -> Path:
+    """A user's model file, importable with --import."""
+    path = tmp_path / "user_models.py"
+    path.write_text(MODEL_DEF)
+    return path
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path):
+    def write(text: str, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    return write

@@ -1,0 +1,260 @@
+"""Read model inputs (state dict + architecture, tncompress checkpoints, trusted pickles) and write
+tncompress's own compressed checkpoints atomically.
+
+A compressed checkpoint is one file that ``torch.load(path, weights_only=True)`` reads: plain
+dicts, lists, strings, numbers and tensors (see :func:`save_compressed` for the keys).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tncompress._version import __version__
+from tncompress.errors import CheckpointError, ModelSpecError
+from tncompress.models import ModelSpec, build_model, import_file
+from tncompress.surgery import apply_structure
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "tncompress-checkpoint"
+FORMAT_VERSION = 1
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to use, and what is known about where it came from."""
+
+    model: nn.Module
+    spec: ModelSpec | None
+    kind: str  # "state_dict", "tncompress", "pickle"
+    path: str
+    layers: list[dict[str, Any]] = field(default_factory=list)  # factorized structure already applied
+    header: dict[str, Any] = field(default_factory=dict)        # tncompress checkpoint without state_dict
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path`` and rename it into place, so a reader
+    (or a crash) never sees a half-written file."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise CheckpointError(f"cannot write {path}: folder {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise CheckpointError(f"cannot write {path}: folder {directory} is not writable")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples → lists recursively, so the checkpoint holds only weights_only-safe plain types."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
+    """Drop a DataParallel / DistributedDataParallel ``module.`` prefix when every key has it."""
+    keys = list(state_dict)
+    if keys and all(k.startswith(prefix) for k in keys):
+        return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def _read(path: Path, trust_pickle: bool) -> Any:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{path}: not readable (permissions)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc) and "weights_only" not in str(exc):
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from exc
+        if not trust_pickle:
+            raise CheckpointError(
+                f"{path} holds pickled Python objects (e.g. a whole nn.Module); unpickling runs code from the "
+                "file, so it is refused. If you trust it, pass --trust-pickle (and --import model_def.py if "
+                "its classes live in your code); better, save a state_dict and pass --arch") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, or truncated ({_first_line(exc)})") from exc
+    log.warning("loading %s with weights_only=False because --trust-pickle was given", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (AttributeError, ModuleNotFoundError) as exc:
+        raise CheckpointError(
+            f"{path}: the pickled model's class cannot be found ({_first_line(exc)}); "
+            "pass --import path/to/model_def.py that defines it") from exc
+    except Exception as exc:
+        raise CheckpointError(f"{path}: unpickling failed ({type(exc).__name__}: {_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _as_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
+    if isinstance(obj, Mapping):
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return dict(obj)
+        for key in _STATE_DICT_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return dict(inner)
+    return None
+
+
+def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error that names the mismatch."""
+    state_dict = strip_prefix(state_dict)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise CheckpointError(f"{source}: state dict does not fit the architecture: {'; '.join(parts)} "
+                              "— is --arch (and --arch-arg) right?")
+    for key, tensor in expected.items():
+        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{source}: {key} has shape {tuple(state_dict[key].shape)} but the architecture expects "
+                f"{tuple(tensor.shape)} — is --arch (and --arch-arg, e.g. num_classes) right?")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def is_compressed_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and obj.get("format") == FORMAT_NAME
+
+
+def _rebuild_compressed(obj: Mapping[str, Any], path: Path, base_model: nn.Module | None) -> LoadedModel:
+    version = obj.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version!r} is newer than this tncompress "
+                              f"({__version__}) reads; upgrade tncompress")
+    for key in ("base", "layers", "state_dict"):
+        if key not in obj:
+            raise CheckpointError(f"{path}: tncompress checkpoint is missing its {key!r} entry (corrupted?)")
+    spec = ModelSpec.from_dict(obj["base"]) if obj["base"].get("arch") else None
+    if base_model is None:
+        if spec is None:
+            raise CheckpointError(f"{path}: made from a pickled model, so its architecture is not recorded; "
+                                  "pass the base model (--arch, or tncompress.load(path, base_model=...))")
+        try:
+            base_model = build_model(spec)
+        except ModelSpecError as exc:
+            raise CheckpointError(f"{path}: cannot rebuild its base model: {exc}") from exc
+    layers = [dict(entry) for entry in obj["layers"]]
+    try:
+        apply_structure(base_model, layers)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its layer plan does not fit the base model ({_first_line(exc)})") from exc
+    load_state_dict_into(base_model, obj["state_dict"], str(path))
+    header = {k: v for k, v in obj.items() if k != "state_dict"}
+    return LoadedModel(base_model.eval(), spec, "tncompress", str(path), layers, header)
+
+
+def load_model(path: str | Path, spec: ModelSpec | None = None, *, trust_pickle: bool = False,
+               imports: list[str] | None = None, base_model: nn.Module | None = None) -> LoadedModel:
+    """Load any supported input: a tncompress checkpoint (rebuilt from its recorded spec), a state
+    dict (needs ``spec``), or — only with ``trust_pickle`` — a whole pickled module."""
+    path = Path(path)
+    for file in imports or []:
+        import_file(file)
+    obj = _read(path, trust_pickle)
+    if is_compressed_checkpoint(obj):
+        if spec is not None and base_model is None and not obj.get("base", {}).get("arch"):
+            base_model = build_model(spec)
+        return _rebuild_compressed(obj, path, base_model)
+    if isinstance(obj, nn.Module):
+        return LoadedModel(obj.eval(), spec, "pickle", str(path))
+    state_dict = _as_state_dict(obj)
+    if state_dict is None:
+        raise CheckpointError(f"{path}: holds neither a state dict nor a model "
+                              f"(top-level {type(obj).__name__}{_keys_hint(obj)})")
+    if spec is None:
+        raise CheckpointError(f"{path} is a state dict: say which architecture it belongs to with --arch "
+                              "(e.g. --arch torchvision:resnet18 --arch-arg num_classes=10)")
+    model = base_model if base_model is not None else build_model(spec)
+    load_state_dict_into(model, state_dict, str(path))
+    return LoadedModel(model.eval(), spec, "state_dict", str(path))
+
+
+def _keys_hint(obj: Any) -> str:
+    if isinstance(obj, Mapping):
+        return f" with keys {', '.join(map(str, list(obj)[:5]))}"
+    return ""
+
+
+def load(path: str | Path, *, base_model: nn.Module | None = None, imports: list[str] | None = None) -> nn.Module:
+    """Load a tncompress compressed checkpoint as a ready ``nn.Module`` (eval mode).
+
+    Reads with ``weights_only=True``; rebuilds the base model from the recorded spec (or uses
+    ``base_model``), re-applies the factorized structure and loads the state dict strictly.
+    """
+    path = Path(path)
+    for file in imports or []:
+        import_file(file)
+    obj = _read(path, trust_pickle=False)
+    if not is_compressed_checkpoint(obj):
+        raise CheckpointError(f"{path} is not a tncompress checkpoint; use load_model(path, spec) for state dicts")
+    return _rebuild_compressed(obj, path, base_model).model
+
+
+def save_compressed(path: str | Path, model: nn.Module, *, spec: ModelSpec | None,
+                    layers: list[dict[str, Any]], plan: list[dict[str, Any]] | None = None,
+                    recipe: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None) -> None:
+    """Write a compressed checkpoint atomically.
+
+    Keys: ``format``, ``format_version``, ``tncompress_version``, ``torch_version``, ``base`` (model
+    spec), ``layers`` (name, method, config of every factorized layer: enough to rebuild the
+    structure), ``plan`` (the resolved per-layer plan with ranks, counts and errors), ``recipe``,
+    ``metadata`` and ``state_dict``.
+    """
+    state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tncompress_version": __version__,
+        "torch_version": torch.__version__,
+        "base": _plain(spec.to_dict()) if spec else {"arch": None},
+        "layers": _plain(layers),
+        "plan": _plain(plan or []),
+        "recipe": _plain(recipe or {}),
+        "metadata": _plain(metadata or {}),
+        "state_dict": state_dict,
+    }
+    atomic_save(payload, path)
+    log.info("wrote %s", path)

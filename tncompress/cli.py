@@ -1,0 +1,328 @@
+"""The ``tncompress`` command line: parses arguments, calls the library, renders with rich."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tncompress._version import __version__
+from tncompress.errors import EXIT_INTERNAL, TncompressError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_CODES_HELP = "Exit codes: 0 success, 1 internal error (a bug: rerun with --debug), 2 user error."
+app = typer.Typer(
+    name="tncompress",
+    help=f"Make trained PyTorch models smaller and faster with tensor decompositions.\n\n{EXIT_CODES_HELP}",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        import torch
+
+        console.print(f"tncompress {__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="Show the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the library does."),
+) -> None:
+    """Make trained PyTorch models smaller and faster with tensor decompositions."""
+    _state["debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)],
+                        force=True)
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """User errors: one line and their exit code; other exceptions: exit 1 (traceback with --debug)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except TncompressError as exc:
+            if _state["debug"]:
+                raise
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written", 130)
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:  # an internal error: a bug or an environment problem
+            if _state["debug"]:
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            _fail(f"internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+                  EXIT_INTERNAL)
+
+    return wrapper  # type: ignore[return-value]
+
+
+# --- shared options ------------------------------------------------------------------------------
+
+ArchOpt = typer.Option(None, "--arch", help="Architecture of a state-dict input: torchvision:<name>, "
+                       "package.module:factory, mlp-1024 or lenet5.")
+ArchArgOpt = typer.Option(None, "--arch-arg", help="key=value argument for the architecture (repeatable), "
+                          "e.g. num_classes=10.")
+ImportOpt = typer.Option(None, "--import", help="Python file to import first, so its factories and classes "
+                         "resolve (repeatable).")
+TrustOpt = typer.Option(False, "--trust-pickle", help="Allow loading a whole pickled nn.Module. Unpickling "
+                        "runs code from the file: only for files you trust.")
+InputShapeOpt = typer.Option(None, "--input-shape", help="Input shape with batch dimension, e.g. 1,3,32,32 "
+                             "(default: recorded in the checkpoint, or the architecture's usual input).")
+RecipeOpt = typer.Option(..., "--recipe", "-r", help="YAML recipe (see configs/ and docs/recipes.md).")
+SetOpt = typer.Option(None, "--set", help="Override a recipe value: key.path=value, e.g. defaults.Linear.rank=4 "
+                      "or layers.0.rank=0.3 (repeatable).")
+
+
+def _spec(arch: str | None, arch_args: list[str] | None, imports: list[str] | None, input_shape: str | None):
+    from tncompress.models import ModelSpec, parse_arch_args
+    from tncompress.measure import parse_shape
+
+    if arch is None:
+        if arch_args:
+            raise TncompressError("--arch-arg needs --arch")
+        return None
+    return ModelSpec(arch=arch, kwargs=parse_arch_args(arch_args or []), imports=[str(Path(p)) for p in imports or []],
+                     input_shape=parse_shape(input_shape) if input_shape else None)
+
+
+def _load(path: Path, arch, arch_args, imports, trust_pickle, input_shape):
+    from tncompress.checkpoint import load_model
+
+    spec = _spec(arch, arch_args, imports, input_shape)
+    return load_model(path, spec, trust_pickle=trust_pickle, imports=[str(p) for p in imports or []])
+
+
+def _input_shape(loaded, input_shape: str | None) -> list[int]:
+    from tncompress.measure import parse_shape
+
+    if input_shape:
+        return parse_shape(input_shape)
+    if loaded.spec is not None:
+        return loaded.spec.default_input_shape()
+    raise TncompressError(f"{loaded.path}: give --input-shape (e.g. 1,3,224,224); a pickled model records none")
+
+
+def _plan_table(plan, title: str) -> Table:
+    from tncompress.report import human
+
+    table = Table(title=title, title_justify="left")
+    for col in ("layer", "type", "rule", "action", "method / ranks", "params", "MACs", "notes"):
+        table.add_column(col, overflow="fold")
+    for p in plan:
+        params = f"{p.params_before:,}" if p.action == "keep" else f"{p.params_before:,} → {p.params_after:,}"
+        macs = human(p.macs_before) if p.action == "keep" else f"{human(p.macs_before)} → {human(p.macs_after)}"
+        what = p.reason if p.action == "keep" else f"{p.method} {p.ranks}"
+        notes = "; ".join(p.notes)
+        if p.weight_rel_error is not None:
+            notes = f"weight err {p.weight_rel_error:.3g}, output err {_fmt(p.output_rel_error)}" + (f"; {notes}" if notes else "")
+        style = None if p.action == "decompose" else "dim"
+        table.add_row(p.name, p.type, p.decided_by or "–", p.action, what, params, macs, notes, style=style)
+    return table
+
+
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
+def _totals_line(plan, model_params_before: int) -> str:
+    before = sum(p.params_before for p in plan)
+    after = sum(p.params_after for p in plan)
+    macs_b = sum(p.macs_before for p in plan)
+    macs_a = sum(p.macs_after for p in plan)
+    n = sum(p.action == "decompose" for p in plan)
+    total_after = model_params_before - before + after
+    return (f"{n} of {len(plan)} layers factorized; model params {model_params_before:,} → {total_after:,} "
+            f"({100 * (1 - total_after / model_params_before):.1f}% fewer); "
+            f"MACs of Linear/Conv2d layers {macs_b:,} → {macs_a:,} ({100 * (1 - macs_a / macs_b) if macs_b else 0:.1f}% fewer)")
+
+
+def _plan_json(plan, extra: dict[str, Any]) -> str:
+    return json.dumps({**extra, "layers": [p.to_dict() for p in plan]}, indent=2, default=str)
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+@app.command()
+@handle_errors
+def plan(
+    checkpoint: Path = typer.Argument(..., help="Input: state dict (with --arch), tncompress checkpoint, or trusted pickle."),
+    recipe: Path = RecipeOpt,
+    overrides: list[str] = SetOpt,
+    arch: str = ArchOpt,
+    arch_args: list[str] = ArchArgOpt,
+    imports: list[str] = ImportOpt,
+    trust_pickle: bool = TrustOpt,
+    input_shape: str = InputShapeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Dry run: which rule picks each layer, method, modes, ranks, params and MACs before and after."""
+    from tncompress.measure import count_params
+    from tncompress.planner import make_plan
+    from tncompress.recipe import load_recipe
+
+    rec = load_recipe(recipe, overrides or [])
+    loaded = _load(checkpoint, arch, arch_args, imports, trust_pickle, input_shape)
+    shape = _input_shape(loaded, input_shape)
+    layers = make_plan(loaded.model, rec, shape)
+    if as_json:
+        sys.stdout.write(_plan_json(layers, {"input": str(checkpoint), "recipe": str(recipe), "input_shape": shape}) + "\n")
+        return
+    console.print(_plan_table(layers, f"Plan for {checkpoint} with {recipe} (input {shape})"))
+    console.print(_totals_line(layers, count_params(loaded.model)))
+
+
+@app.command()
+@handle_errors
+def decompose(
+    checkpoint: Path = typer.Argument(..., help="Input: state dict (with --arch), tncompress checkpoint, or trusted pickle."),
+    recipe: Path = RecipeOpt,
+    output: Path = typer.Option(..., "--output", "-o", help="Compressed checkpoint to write (atomically)."),
+    overrides: list[str] = SetOpt,
+    arch: str = ArchOpt,
+    arch_args: list[str] = ArchArgOpt,
+    imports: list[str] = ImportOpt,
+    trust_pickle: bool = TrustOpt,
+    input_shape: str = InputShapeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the resolved plan with errors as JSON."),
+) -> None:
+    """Decompose the layers a recipe selects and write a reloadable compressed checkpoint."""
+    from tncompress.checkpoint import save_compressed
+    from tncompress.compress import apply_plan
+    from tncompress.measure import count_params
+    from tncompress.models import ModelSpec
+    from tncompress.planner import calibration_batch, calibration_settings, make_plan
+    from tncompress.recipe import load_recipe
+
+    if output.resolve() == checkpoint.resolve():
+        raise TncompressError(f"--output {output} is the input file; write the compressed model to a new file")
+    rec = load_recipe(recipe, overrides or [])
+    loaded = _load(checkpoint, arch, arch_args, imports, trust_pickle, input_shape)
+    shape = _input_shape(loaded, input_shape)
+    model = loaded.model
+    params_before = count_params(model)
+    layers = make_plan(model, rec, shape)
+    calib = calibration_settings(rec)
+    param = next(model.parameters())
+    batch = calibration_batch(shape, calib["batch_size"], calib["seed"], dtype=param.dtype, device=param.device)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=False, disable=as_json) as progress:
+        todo = sum(p.action == "decompose" for p in layers)
+        task = progress.add_task("decomposing", total=todo)
+
+        def on_progress(event: str, entry, index: int, total: int) -> None:
+            if event == "start":
+                progress.update(task, description=f"{entry.name}: {entry.method} {entry.ranks}")
+            else:
+                progress.update(task, advance=1)
+
+        apply_plan(model, layers, batch, on_progress)
+        progress.update(task, description="decomposed")
+    spec = loaded.spec
+    if spec is not None:
+        spec = ModelSpec(spec.arch, spec.kwargs, spec.imports, list(shape))
+    prior = loaded.layers if loaded.kind == "tncompress" else []
+    structure = prior + [p.layer_entry for p in layers if p.action == "decompose"]
+    save_compressed(output, model, spec=spec, layers=structure, plan=[p.to_dict() for p in layers],
+                    recipe=rec.raw, metadata={"source": str(checkpoint), "source_kind": loaded.kind,
+                                              "calibration": {**calib, "input_shape": shape, "kind": "gaussian noise"}})
+    if as_json:
+        sys.stdout.write(_plan_json(layers, {"input": str(checkpoint), "output": str(output), "input_shape": shape}) + "\n")
+        return
+    console.print(_plan_table(layers, f"Decomposed {checkpoint} → {output}"))
+    console.print(_totals_line(layers, params_before))
+    console.print(f"wrote {output}")
+
+
+@app.command()
+@handle_errors
+def report(
+    checkpoints: list[Path] = typer.Argument(..., help="Models to compare; the first is the baseline."),
+    arch: str = ArchOpt,
+    arch_args: list[str] = ArchArgOpt,
+    imports: list[str] = ImportOpt,
+    trust_pickle: bool = TrustOpt,
+    input_shape: str = InputShapeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (schema_version 1)."),
+    as_markdown: bool = typer.Option(False, "--markdown", help="Print Markdown."),
+    output: Path = typer.Option(None, "--output", "-o", help="Also write the JSON or Markdown to this file."),
+    layers: bool = typer.Option(False, "--layers", help="Show the per-layer table in the terminal."),
+    latency: bool = typer.Option(False, "--latency", help="Measure forward latency (median of repeated runs)."),
+    latency_batch: int = typer.Option(1, "--latency-batch", min=1, help="Batch size for --latency."),
+    device: str = typer.Option("cpu", "--device", help="Device for latency: cpu or cuda."),
+) -> None:
+    """Params, bytes on disk, MACs (per layer and total) and ratios against the first model."""
+    from tncompress.checkpoint import atomic_write
+    from tncompress.report import LAYER_HEADERS, ReportOptions, build_report, layer_rows, summary_rows, to_json, to_markdown
+
+    if as_json and as_markdown:
+        raise TncompressError("choose one of --json and --markdown")
+    if output and not (as_json or as_markdown):
+        raise TncompressError("--output needs --json or --markdown to say which format to write")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TncompressError("--device cuda: no CUDA device is available here")
+    loaded = [_load(p, arch, arch_args, imports, trust_pickle, input_shape) for p in checkpoints]
+    shape = _input_shape(loaded[0], input_shape)
+    rep = build_report(loaded, ReportOptions(shape, latency, latency_batch, device))
+    if as_json or as_markdown:
+        text = to_json(rep) + "\n" if as_json else to_markdown(rep)
+        if output:
+            atomic_write(output, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        sys.stdout.write(text)
+        return
+    headers, rows = summary_rows(rep)
+    table = Table(title=f"Report (input {shape}; ratios are baseline / model)", title_justify="left")
+    for h in headers:
+        table.add_column(h, overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    if layers:
+        for m in rep["models"]:
+            t = Table(title=f"Layers of {m['path']}", title_justify="left")
+            for h in LAYER_HEADERS:
+                t.add_column(h, overflow="fold")
+            for r in layer_rows(m):
+                t.add_row(*r)
+            console.print(t)
+    console.print(f"[dim]{rep['mac_rule']}[/]")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

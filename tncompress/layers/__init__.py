@@ -1,0 +1,32 @@
+"""Factorized layers in pure torch (no tensorly needed at inference)."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from tncompress.layers.base import FactorizedLayer
+from tncompress.layers.cp_conv import CPConv2d
+from tncompress.layers.lowrank_linear import LowRankLinear
+from tncompress.layers.tt_linear import TTLinear
+from tncompress.layers.tucker_conv import Tucker2Conv2d
+
+LAYER_CLASSES: dict[str, type[FactorizedLayer]] = {
+    "tt": TTLinear,
+    "lowrank": LowRankLinear,
+    "cp": CPConv2d,
+    "tucker2": Tucker2Conv2d,
+}
+
+
+def build_layer(method: str, config: dict[str, Any]) -> nn.Module:
+    """Build an (uninitialised-by-data) factorized layer of the given method from its ``config()``."""
+    try:
+        cls = LAYER_CLASSES[method]
+    except KeyError:
+        raise ValueError(f"unknown layer method {method!r}; known: {', '.join(LAYER_CLASSES)}") from None
+    return cls(**config)
+
+
+__all__ = ["FactorizedLayer", "TTLinear", "LowRankLinear", "CPConv2d", "Tucker2Conv2d",
+           "LAYER_CLASSES", "build_layer"]

@@ -1,0 +1,92 @@
+"""Measurements: parameters, bytes on disk, MACs of the ops actually run, latency.
+
+MACs come from ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2): it counts matrix
+multiplies and convolutions, not element-wise ops (activations, bias adds, batch norm, pooling).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from tncompress.errors import TncompressError
+
+MAC_RULE = ("MACs = FLOPs / 2 of the matmul and convolution ops run in one forward pass, counted by "
+            "torch.utils.flop_counter.FlopCounterMode; element-wise ops (bias, activations, norms, pooling) "
+            "are not counted")
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def count_buffers(model: nn.Module) -> int:
+    return sum(b.numel() for b in model.buffers())
+
+
+def file_bytes(path: str | os.PathLike[str]) -> int:
+    return Path(path).stat().st_size
+
+
+@dataclass
+class MacCount:
+    """Total MACs of one forward and the MACs of each module (qualified names, root = "")."""
+
+    total: int
+    per_module: dict[str, int] = field(default_factory=dict)
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> MacCount:
+    """MACs of one forward of ``model`` on ``example`` (divide by the batch size for per-sample)."""
+    root = type(model).__name__
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(example)
+    per_module: dict[str, int] = {}
+    for key, ops in counter.get_flop_counts().items():
+        if key == "Global":
+            continue
+        name = "" if key == root else key[len(root) + 1:] if key.startswith(root + ".") else key
+        per_module[name] = int(sum(ops.values()) // 2)
+    return MacCount(int(counter.get_total_flops() // 2), per_module)
+
+
+def measure_latency(model: nn.Module, example: torch.Tensor, *, warmup: int = 3, repeats: int = 20,
+                    max_seconds: float = 10.0) -> dict[str, float]:
+    """Median and spread of wall-clock forward latency in milliseconds (CUDA synchronised)."""
+    sync = torch.cuda.synchronize if example.is_cuda else (lambda: None)
+    times: list[float] = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(example)
+        sync()
+        budget_end = time.perf_counter() + max_seconds
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(example)
+            sync()
+            times.append((time.perf_counter() - start) * 1e3)
+            if time.perf_counter() > budget_end and len(times) >= 3:
+                break
+    ordered = sorted(times)
+    return {"median_ms": statistics.median(times), "p10_ms": ordered[len(ordered) // 10],
+            "p90_ms": ordered[min(len(ordered) - 1, (9 * len(ordered)) // 10)], "runs": len(times),
+            "threads": torch.get_num_threads(), "batch": int(example.shape[0])}
+
+
+def parse_shape(text: str | Sequence[int]) -> list[int]:
+    """``"1,3,32,32"`` → ``[1, 3, 32, 32]`` (also accepts ``x`` as the separator)."""
+    if not isinstance(text, str):
+        return [int(s) for s in text]
+    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise TncompressError(f"input shape {text!r}: expected positive integers like 1,3,32,32")
+    return [int(p) for p in parts]

@@ -1,0 +1,305 @@
+"""Recipe (v1): YAML schema, validation, and rule matching of layers.
+
+Tiers, lowest to highest precedence: ``defaults`` (per type) < ``type`` rules < ``pattern`` /
+``regex`` rules < ``name`` rules; inside a tier, a later rule wins. Settings cascade: a layer's
+settings are the defaults for its type overlaid by every matching rule in that order, so a rule may
+change only the rank. ``exclude`` beats everything. A rule (or exclude entry) that matches no layer
+is an error with the closest layer names as hints; unknown keys are errors.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import fnmatch
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tncompress.errors import RecipeError
+
+RECIPE_VERSION = 1
+TYPES = ("Linear", "Conv2d")
+METHODS_BY_TYPE: dict[str, tuple[str, ...]] = {
+    "Linear": ("tt", "lowrank", "none"),
+    "Conv2d": ("cp", "tucker2", "none"),
+}
+METHOD_ALIASES = {"svd": "lowrank", "tucker": "tucker2", "tensor-train": "tt"}
+SELECTORS = ("name", "pattern", "regex", "type")
+# settings keys each method accepts (besides ``method``)
+METHOD_KEYS: dict[str, frozenset[str]] = {
+    "tt": frozenset({"rank", "in_modes", "out_modes", "d"}),
+    "lowrank": frozenset({"rank"}),
+    "cp": frozenset({"rank", "form", "n_iter_max", "tol", "retries", "l2_reg", "fallback"}),
+    "tucker2": frozenset({"rank", "algorithm", "n_iter", "floor", "weakening"}),
+    "none": frozenset(),
+}
+ALL_SETTING_KEYS = frozenset({"method"}).union(*METHOD_KEYS.values())
+TOP_KEYS = frozenset({"version", "defaults", "layers", "exclude", "calibration"})
+CALIBRATION_KEYS = frozenset({"batch_size", "seed"})
+TIER_RANK = {"defaults": 0, "type": 1, "pattern": 2, "regex": 2, "name": 3}
+
+
+@dataclass
+class Rule:
+    """One entry of ``layers``: a selector plus settings."""
+
+    index: int
+    selector: str            # "name", "pattern", "regex" or "type"
+    value: str
+    type_filter: str | None  # optional ``type`` next to a name/pattern/regex selector
+    settings: dict[str, Any]
+    _regex: re.Pattern[str] | None = None
+
+    @property
+    def label(self) -> str:
+        extra = f", type: {self.type_filter}" if self.type_filter else ""
+        return f"layers[{self.index}] ({self.selector}: {self.value}{extra})"
+
+    def matches(self, name: str, type_name: str) -> bool:
+        if self.type_filter and self.type_filter != type_name:
+            return False
+        if self.selector == "name":
+            return name == self.value
+        if self.selector == "pattern":
+            return fnmatch.fnmatchcase(name, self.value)
+        if self.selector == "regex":
+            assert self._regex is not None
+            return self._regex.fullmatch(name) is not None
+        return self.value == type_name
+
+
+@dataclass
+class Recipe:
+    """A validated recipe."""
+
+    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rules: list[Rule] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    source: str = "<recipe>"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LayerChoice:
+    """What the recipe says about one layer: merged settings and the rules behind them."""
+
+    name: str
+    type_name: str
+    settings: dict[str, Any]
+    rules: list[str]          # labels of every contributing rule, lowest precedence first
+    decided_by: str | None    # the highest-precedence rule that matched, None when none did
+    excluded_by: str | None = None
+
+
+def _where(source: str, key: str) -> str:
+    return f"{source}: {key}"
+
+
+def _check_method(source: str, key: str, method: Any) -> str:
+    if not isinstance(method, str):
+        raise RecipeError(f"{_where(source, key)}: method must be a string, got {method!r}")
+    method = METHOD_ALIASES.get(method, method)
+    if method not in METHOD_KEYS:
+        hint = difflib.get_close_matches(method, list(METHOD_KEYS), n=1)
+        raise RecipeError(f"{_where(source, key)}: unknown method {method!r}"
+                          f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; known: {', '.join(METHOD_KEYS)}")
+    return method
+
+
+def _check_settings(source: str, key: str, settings: Any, allowed_extra: Sequence[str] = ()) -> dict[str, Any]:
+    if not isinstance(settings, dict):
+        raise RecipeError(f"{_where(source, key)}: expected a mapping of settings, got {type(settings).__name__}")
+    out: dict[str, Any] = {}
+    for k, v in settings.items():
+        if not isinstance(k, str):
+            raise RecipeError(f"{_where(source, key)}: setting names must be strings, got {k!r}")
+        if k in allowed_extra:
+            continue
+        if k not in ALL_SETTING_KEYS:
+            hint = difflib.get_close_matches(k, sorted(ALL_SETTING_KEYS | set(allowed_extra)), n=1)
+            raise RecipeError(f"{_where(source, key)}: unknown key {k!r}"
+                              f"{f' (did you mean {hint[0]!r}?)' if hint else ''}")
+        out[k] = _check_method(source, f"{key}.method", v) if k == "method" else v
+    return out
+
+
+def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+    """Validate a recipe given as parsed YAML (a dict) and return a :class:`Recipe`."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping with 'version: 1', got {type(data).__name__}")
+    unknown = set(map(str, data)) - TOP_KEYS
+    if unknown:
+        k = sorted(unknown)[0]
+        hint = difflib.get_close_matches(k, sorted(TOP_KEYS), n=1)
+        raise RecipeError(f"{_where(source, k)}: unknown top-level key{f' (did you mean {hint[0]!r}?)' if hint else ''}"
+                          f"; allowed: {', '.join(sorted(TOP_KEYS))}")
+    if "version" not in data:
+        raise RecipeError(f"{source}: missing 'version: 1'")
+    if data["version"] != RECIPE_VERSION or isinstance(data["version"], bool):
+        raise RecipeError(f"{_where(source, 'version')}: unsupported recipe version {data['version']!r}; this tncompress reads version 1")
+
+    recipe = Recipe(source=source, raw=copy.deepcopy(data))
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise RecipeError(f"{_where(source, 'defaults')}: expected a mapping of type → settings, e.g. 'Linear: {{method: tt, rank: 8}}'")
+    for type_name, settings in defaults.items():
+        if type_name not in TYPES:
+            hint = difflib.get_close_matches(str(type_name), TYPES, n=1)
+            raise RecipeError(f"{_where(source, f'defaults.{type_name}')}: unknown layer type"
+                              f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; supported: {', '.join(TYPES)}")
+        recipe.defaults[type_name] = _check_settings(source, f"defaults.{type_name}", settings)
+
+    layers = data.get("layers") or []
+    if not isinstance(layers, list):
+        raise RecipeError(f"{_where(source, 'layers')}: expected a list of rules")
+    for i, entry in enumerate(layers):
+        key = f"layers[{i}]"
+        if not isinstance(entry, dict):
+            raise RecipeError(f"{_where(source, key)}: each rule is a mapping like '{{name: fc1, method: tt, rank: 4}}'")
+        picked = [s for s in ("name", "pattern", "regex") if s in entry]
+        if len(picked) > 1:
+            raise RecipeError(f"{_where(source, key)}: give one of name / pattern / regex, not {' and '.join(picked)}")
+        if not picked and "type" not in entry:
+            raise RecipeError(f"{_where(source, key)}: a rule needs a selector: name, pattern, regex or type")
+        selector = picked[0] if picked else "type"
+        value = entry[selector]
+        if not isinstance(value, str) or not value:
+            raise RecipeError(f"{_where(source, f'{key}.{selector}')}: expected a non-empty string, got {value!r}")
+        type_filter = entry.get("type") if picked else None
+        for t in [entry.get("type")] if "type" in entry else []:
+            if t not in TYPES:
+                raise RecipeError(f"{_where(source, f'{key}.type')}: unknown layer type {t!r}; supported: {', '.join(TYPES)}")
+        settings = _check_settings(source, key, entry, allowed_extra=SELECTORS)
+        rule = Rule(i, selector, value, type_filter, settings)
+        if selector == "regex":
+            try:
+                rule._regex = re.compile(value)
+            except re.error as exc:
+                raise RecipeError(f"{_where(source, f'{key}.regex')}: invalid regular expression {value!r} ({exc})") from None
+        recipe.rules.append(rule)
+
+    exclude = data.get("exclude") or []
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    if not isinstance(exclude, list) or not all(isinstance(e, str) and e for e in exclude):
+        raise RecipeError(f"{_where(source, 'exclude')}: expected a list of layer names or glob patterns")
+    recipe.exclude = list(exclude)
+
+    calibration = data.get("calibration") or {}
+    if not isinstance(calibration, dict):
+        raise RecipeError(f"{_where(source, 'calibration')}: expected a mapping (batch_size, seed)")
+    for k, v in calibration.items():
+        if k not in CALIBRATION_KEYS:
+            raise RecipeError(f"{_where(source, f'calibration.{k}')}: unknown key; allowed: {', '.join(sorted(CALIBRATION_KEYS))}")
+        if not isinstance(v, int) or isinstance(v, bool) or v < (1 if k == "batch_size" else 0):
+            raise RecipeError(f"{_where(source, f'calibration.{k}')}: expected a {'positive' if k == 'batch_size' else 'non-negative'} integer, got {v!r}")
+    recipe.calibration = dict(calibration)
+    return recipe
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str = "--set") -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides to parsed recipe YAML (values parsed as YAML).
+
+    Paths use dots; list items by index (``layers.0.rank=4``); mappings are created as needed
+    (``defaults.Linear.rank=4``).
+    """
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        if not sep or not path.strip():
+            raise RecipeError(f"{source} {item!r}: expected key.path=value, e.g. defaults.Linear.rank=4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise RecipeError(f"{source} {item!r}: the value is not valid YAML") from None
+        parts = path.strip().split(".")
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError(f"{source} {item!r}: {where}: no list item {part!r} (the list has {len(node)})")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise RecipeError(f"{source} {item!r}: {'.'.join(parts[:depth])} is a value, not a mapping or list")
+    return data
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        raise RecipeError(f"{path}: the recipe is empty; start with 'version: 1'")
+    if overrides:
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe is a YAML mapping with 'version: 1'")
+        data = apply_overrides(data, overrides)
+    return parse_recipe(data, source=str(path))
+
+
+def _hint(value: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(value, names, n=3, cutoff=0.5)
+    return f"; closest layers: {', '.join(close)}" if close else f"; layers are named like {', '.join(names[:3])}"
+
+
+def match_layers(recipe: Recipe, layers: Sequence[tuple[str, str]]) -> list[LayerChoice]:
+    """Match the recipe against ``(qualified name, type name)`` pairs of the decomposable layers.
+
+    Raises :class:`RecipeError` for a rule or exclude entry that matches nothing.
+    """
+    names = [n for n, _ in layers]
+    used_rules: set[int] = set()
+    used_excludes: set[str] = set()
+    ordered = sorted(recipe.rules, key=lambda r: (TIER_RANK[r.selector], r.index))
+    choices = []
+    for name, type_name in layers:
+        settings = dict(recipe.defaults.get(type_name, {}))
+        labels = [f"defaults.{type_name}"] if type_name in recipe.defaults else []
+        for rule in ordered:
+            if rule.matches(name, type_name):
+                used_rules.add(rule.index)
+                settings.update(rule.settings)
+                labels.append(rule.label)
+        excluded_by = None
+        for pattern in recipe.exclude:
+            if name == pattern or fnmatch.fnmatchcase(name, pattern):
+                used_excludes.add(pattern)
+                excluded_by = excluded_by or f"exclude: {pattern}"
+        choices.append(LayerChoice(name, type_name, settings, labels, labels[-1] if labels else None, excluded_by))
+
+    for rule in recipe.rules:
+        if rule.index not in used_rules:
+            if rule.selector == "type":
+                raise RecipeError(f"{recipe.source}: {rule.label} matches no layer: the model has no {rule.value} layers that can be decomposed")
+            raise RecipeError(f"{recipe.source}: {rule.label} matches no layer{_hint(rule.value, names)}")
+    for pattern in recipe.exclude:
+        if pattern not in used_excludes:
+            raise RecipeError(f"{recipe.source}: exclude entry {pattern!r} matches no layer{_hint(pattern, names)}")
+    return choices

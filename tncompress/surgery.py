@@ -1,0 +1,70 @@
+"""Module surgery: find decomposable layers, swap modules by qualified name, re-apply a saved
+structure to a fresh model."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from torch import nn
+
+from tncompress.layers import FactorizedLayer, build_layer
+
+DECOMPOSABLE_TYPES: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
+
+
+def type_name(module: nn.Module) -> str | None:
+    """The recipe type name ("Linear", "Conv2d") of a decomposable module, else None."""
+    for name, cls in DECOMPOSABLE_TYPES.items():
+        if isinstance(module, cls):
+            return name
+    return None
+
+
+def candidate_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str | None]]:
+    """Yield (qualified name, module, reason it cannot be touched or None) for every Linear/Conv2d
+    that is not already part of a factorized layer."""
+    inside_factorized: list[str] = []
+    inside_attention: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, FactorizedLayer):
+            inside_factorized.append(name + ".")
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            inside_attention.append(name + ".")
+        if type_name(module) is None or any(name.startswith(p) for p in inside_factorized):
+            continue
+        reason = None
+        if any(name.startswith(p) for p in inside_attention):
+            reason = "used directly by nn.MultiheadAttention (its weight is read, not called); left dense"
+        yield name, module, reason
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule at a dotted qualified name."""
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Replace the submodule at ``name`` with ``new``; returns the old module."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit():
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)
+    return old
+
+
+def apply_structure(model: nn.Module, layers: Iterable[dict[str, Any]]) -> nn.Module:
+    """Swap in factorized layers of the recorded structure (``name``, ``method``, ``config``),
+    matching the original layer's dtype and device; weights come from a state dict afterwards."""
+    for entry in layers:
+        old = get_module(model, entry["name"])
+        new = build_layer(entry["method"], dict(entry["config"]))
+        ref = next(old.parameters(), None)
+        if ref is not None:
+            new = new.to(device=ref.device, dtype=ref.dtype)
+        new.train(old.training)
+        set_module(model, entry["name"], new)
+    return model
