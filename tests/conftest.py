@@ -1,6 +1,7 @@
 """Shared fixtures: small models saved in the formats users have, and a CLI runner."""
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from tncompress.cli import app
+os.environ["COLUMNS"] = "200"  # rich tables: wide enough that layer names are not folded
+
+from tncompress.cli import app  # noqa: E402
 
 torch.set_num_threads(2)
 

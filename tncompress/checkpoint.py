@@ -10,7 +10,6 @@ import logging
 import os
 import pickle
 import tempfile
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,15 +42,24 @@ class LoadedModel:
     header: dict[str, Any] = field(default_factory=dict)        # tncompress checkpoint without state_dict
 
 
+def check_output_path(path: str | Path) -> Path:
+    """Fail early, before any work, if ``path`` cannot be written; returns its folder."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise CheckpointError(f"cannot write {path}: it is a folder; give a file name")
+    if not directory.is_dir():
+        raise CheckpointError(f"cannot write {path}: folder {directory} does not exist")
+    if not os.access(directory, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise CheckpointError(f"cannot write {path}: permission denied")
+    return directory
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path`` and rename it into place, so a reader
     (or a crash) never sees a half-written file."""
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise CheckpointError(f"cannot write {path}: folder {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise CheckpointError(f"cannot write {path}: folder {directory} is not writable")
+    directory = check_output_path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -76,6 +84,14 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
+    if isinstance(value, str):
+        return str(value)  # str subclasses (e.g. torch.__version__) are not weights_only-safe
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
     return value
 
 
@@ -104,7 +120,7 @@ def _read(path: Path, trust_pickle: bool) -> Any:
                 f"{path} holds pickled Python objects (e.g. a whole nn.Module); unpickling runs code from the "
                 "file, so it is refused. If you trust it, pass --trust-pickle (and --import model_def.py if "
                 "its classes live in your code); better, save a state_dict and pass --arch") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # torch raises many types on corrupt or truncated files
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, or truncated ({_first_line(exc)})") from exc
     log.warning("loading %s with weights_only=False because --trust-pickle was given", path)
     try:
@@ -248,7 +264,7 @@ def save_compressed(path: str | Path, model: nn.Module, *, spec: ModelSpec | Non
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "tncompress_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "base": _plain(spec.to_dict()) if spec else {"arch": None},
         "layers": _plain(layers),
         "plan": _plain(plan or []),

@@ -160,9 +160,11 @@ def _totals_line(plan, model_params_before: int) -> str:
     macs_a = sum(p.macs_after for p in plan)
     n = sum(p.action == "decompose" for p in plan)
     total_after = model_params_before - before + after
+    params_change = 100 * (total_after / model_params_before - 1) if model_params_before else 0.0
+    macs_change = 100 * (macs_a / macs_b - 1) if macs_b else 0.0
     return (f"{n} of {len(plan)} layers factorized; model params {model_params_before:,} → {total_after:,} "
-            f"({100 * (1 - total_after / model_params_before):.1f}% fewer); "
-            f"MACs of Linear/Conv2d layers {macs_b:,} → {macs_a:,} ({100 * (1 - macs_a / macs_b) if macs_b else 0:.1f}% fewer)")
+            f"({params_change:+.1f}%); MACs per sample of the Linear/Conv2d layers {macs_b:,} → {macs_a:,} "
+            f"({macs_change:+.1f}%)")
 
 
 def _plan_json(plan, extra: dict[str, Any]) -> str:
@@ -222,8 +224,11 @@ def decompose(
     from tncompress.planner import calibration_batch, calibration_settings, make_plan
     from tncompress.recipe import load_recipe
 
+    from tncompress.checkpoint import check_output_path
+
     if output.resolve() == checkpoint.resolve():
         raise TncompressError(f"--output {output} is the input file; write the compressed model to a new file")
+    check_output_path(output)
     rec = load_recipe(recipe, overrides or [])
     loaded = _load(checkpoint, arch, arch_args, imports, trust_pickle, input_shape)
     shape = _input_shape(loaded, input_shape)
@@ -287,13 +292,18 @@ def report(
         raise TncompressError("choose one of --json and --markdown")
     if output and not (as_json or as_markdown):
         raise TncompressError("--output needs --json or --markdown to say which format to write")
+    if output:
+        from tncompress.checkpoint import check_output_path
+
+        check_output_path(output)
     if device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise TncompressError("--device cuda: no CUDA device is available here")
     loaded = [_load(p, arch, arch_args, imports, trust_pickle, input_shape) for p in checkpoints]
-    shape = _input_shape(loaded[0], input_shape)
+    recorded = [m.spec.input_shape for m in loaded if m.spec is not None and m.spec.input_shape]
+    shape = _input_shape(loaded[0], input_shape) if input_shape or not recorded else list(recorded[0])
     rep = build_report(loaded, ReportOptions(shape, latency, latency_batch, device))
     if as_json or as_markdown:
         text = to_json(rep) + "\n" if as_json else to_markdown(rep)

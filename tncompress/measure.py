@@ -6,6 +6,7 @@ multiplies and convolutions, not element-wise ops (activations, bias adds, batch
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import time
 from collections.abc import Sequence
@@ -86,7 +87,7 @@ def parse_shape(text: str | Sequence[int]) -> list[int]:
     """``"1,3,32,32"`` → ``[1, 3, 32, 32]`` (also accepts ``x`` as the separator)."""
     if not isinstance(text, str):
         return [int(s) for s in text]
-    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
+    parts = re.split(r"[,x×]", text.replace(" ", ""))
     if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise TncompressError(f"input shape {text!r}: expected positive integers like 1,3,32,32")
     return [int(p) for p in parts]

@@ -1,0 +1,327 @@
+"""CP-decomposed 2-d convolution (Lebedev et al. 2015) as a chain of plain ``nn.Conv2d`` modules.
+
+A dense kernel K(cout, cin, kh, kw) ≈ Σ_r out[o, r] · in[i, r] · spatial_r(h, w) becomes
+
+* ``form="3conv"``: 1×1 (cin → R) → depthwise kh×kw (R groups) → 1×1 (R → cout, bias);
+* ``form="4conv"``: 1×1 (cin → R) → depthwise kh×1 → depthwise 1×kw → 1×1 (R → cout, bias),
+  with spatial_r(h, w) = h_r(h) · w_r(w).
+
+Stride, padding (numbers or "same"/"valid"), dilation and padding mode are carried exactly per axis:
+the depthwise kh×kw conv takes them as they are; in the 4-conv form the kh×1 conv takes the height
+components and the 1×kw conv the width components. Padding commutes with the bias-free 1×1 convs and
+pads each axis independently for every padding mode, so the chain equals the dense conv with the
+rebuilt kernel. Only plain modules are used, so torch.compile, TorchScript and ONNX export just work.
+
+This module also holds small conv helpers shared with :mod:`tncompress.layers.tucker_conv`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tncompress.errors import RankError, RecipeError, TncompressError
+from tncompress.layers.base import FactorizedLayer
+
+CP_FORMS = ("3conv", "4conv")
+
+_IntPair = int | Sequence[int]
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers shared by the factorized conv layers
+# --------------------------------------------------------------------------------------------------
+
+
+def _pair(value: _IntPair, name: str) -> tuple[int, int]:
+    """An int or a length-2 sequence of ints (e.g. a JSON list) as a tuple of two ints."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return (int(value[0]), int(value[1]))
+    raise RankError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def _padding(value: str | _IntPair) -> str | tuple[int, int]:
+    if isinstance(value, str):
+        if value not in ("same", "valid"):
+            raise RankError(f"padding must be 'same', 'valid', an int or a pair of ints, got {value!r}")
+        return value
+    return _pair(value, "padding")
+
+
+def _json_geometry(value: str | tuple[int, ...]) -> str | list[int]:
+    return value if isinstance(value, str) else [int(v) for v in value]
+
+
+def conv_unsupported_reason(conv: nn.Module, what: str) -> str | None:
+    """Why ``conv`` cannot be replaced by a ``what`` layer (one line), or None if it can."""
+    if not isinstance(conv, nn.Conv2d):
+        return f"{type(conv).__name__} is not an nn.Conv2d; {what} only replaces 2-d convolutions"
+    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
+        return f"lazy {type(conv).__name__} has no weights yet; run a forward pass before decomposing"
+    if conv.groups != 1:
+        return (
+            f"groups={conv.groups} (grouped/depthwise conv) is not supported by {what}, "
+            "which needs groups=1; leave this layer dense"
+        )
+    if conv.weight.is_complex():
+        return f"complex weights are not supported by {what}"
+    return None
+
+
+def conv_output_hw(conv: nn.Conv2d, input_hw: tuple[int, int]) -> tuple[int, int]:
+    """Spatial output size of ``conv`` for an input of size ``input_hw`` (as PyTorch computes it)."""
+    out = []
+    for axis in range(2):
+        size, k = int(input_hw[axis]), conv.kernel_size[axis]
+        s, d = conv.stride[axis], conv.dilation[axis]
+        if conv.padding == "same":
+            out.append(size)
+            continue
+        p = 0 if conv.padding == "valid" else conv.padding[axis]  # type: ignore[index]
+        out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+    return out[0], out[1]
+
+
+def conv_macs(conv: nn.Conv2d, input_hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+    """(MACs for one sample, output (H, W)) of ``conv``; bias adds are not counted (as
+    ``FlopCounterMode``, whose conv FLOPs are 2 · out_h · out_w · cout · cin/groups · kh · kw)."""
+    oh, ow = conv_output_hw(conv, input_hw)
+    kh, kw = conv.kernel_size
+    macs = oh * ow * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
+    return macs, (oh, ow)
+
+
+def dense_init_variance(fan_in: int) -> float:
+    """Weight variance of ``nn.Conv2d``/``nn.Linear`` default init (kaiming_uniform, a=√5)."""
+    return 1.0 / (3.0 * fan_in)
+
+
+def _check_channels(in_channels: int, out_channels: int) -> None:
+    for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise RankError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _decomposition_device(weight: Tensor) -> torch.device:
+    """Where to run the float64 decomposition (MPS has no float64, so use the CPU there)."""
+    return torch.device("cpu") if weight.device.type == "mps" else weight.device
+
+
+# --------------------------------------------------------------------------------------------------
+# CPConv2d
+# --------------------------------------------------------------------------------------------------
+
+
+class CPConv2d(FactorizedLayer):
+    """Rank-R CP convolution: 1×1 → depthwise spatial (one kh×kw, or kh×1 then 1×kw) → 1×1."""
+
+    method = "cp"
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _IntPair,
+        rank: int,
+        stride: _IntPair = 1,
+        padding: str | _IntPair = 0,
+        dilation: _IntPair = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        form: str = "3conv",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_channels(in_channels, out_channels)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise RankError(f"CP rank must be an integer >= 1, got {rank!r}")
+        if form not in CP_FORMS:
+            raise RecipeError(f"unknown CP form {form!r}; choose one of {', '.join(CP_FORMS)}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.padding = _padding(padding)
+        self.dilation = _pair(dilation, "dilation")
+        self.padding_mode = padding_mode
+        self.rank = rank
+        self.form = form
+        self.fit_info: dict[str, Any] | None = None
+        fk: dict[str, Any] = {"device": device, "dtype": dtype}
+        kh, kw = self.kernel_size
+        self.pointwise_in = nn.Conv2d(in_channels, rank, 1, bias=False, **fk)
+        self.spatial: nn.Module
+        if form == "3conv":
+            self.spatial = nn.Conv2d(
+                rank, rank, (kh, kw), self.stride, self.padding, self.dilation,
+                groups=rank, bias=False, padding_mode=padding_mode, **fk,
+            )
+        else:
+            pad_h: str | tuple[int, int]
+            pad_w: str | tuple[int, int]
+            if isinstance(self.padding, str):
+                pad_h = pad_w = self.padding
+            else:
+                pad_h, pad_w = (self.padding[0], 0), (0, self.padding[1])
+            self.spatial = nn.Sequential(
+                nn.Conv2d(rank, rank, (kh, 1), (self.stride[0], 1), pad_h, (self.dilation[0], 1),
+                          groups=rank, bias=False, padding_mode=padding_mode, **fk),
+                nn.Conv2d(rank, rank, (1, kw), (1, self.stride[1]), pad_w, (1, self.dilation[1]),
+                          groups=rank, bias=False, padding_mode=padding_mode, **fk),
+            )
+        self.pointwise_out = nn.Conv2d(rank, out_channels, 1, bias=bias, **fk)
+        self.reset_parameters()
+
+    # -- construction ------------------------------------------------------------------------------
+
+    def _spatial_convs(self) -> list[nn.Conv2d]:
+        if isinstance(self.spatial, nn.Sequential):
+            return [m for m in self.spatial if isinstance(m, nn.Conv2d)]
+        assert isinstance(self.spatial, nn.Conv2d)
+        return [self.spatial]
+
+    def _factor_weights(self) -> list[Tensor]:
+        return [self.pointwise_in.weight, *(c.weight for c in self._spatial_convs()),
+                self.pointwise_out.weight]
+
+    def reset_parameters(self) -> None:
+        """Random init whose rebuilt kernel has the variance of a default-initialised dense conv.
+
+        With N i.i.d. N(0, σ²) factors and R components, Var(K) = R·σ^(2N); the dense target is
+        1 / (3·fan_in), fan_in = cin·kh·kw. The bias is drawn like the dense conv's bias.
+        """
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        weights = self._factor_weights()
+        std = (dense_init_variance(fan_in) / self.rank) ** (1.0 / (2 * len(weights)))
+        with torch.no_grad():
+            for w in weights:
+                nn.init.normal_(w, 0.0, std)
+            if self.pointwise_out.bias is not None:
+                bound = 1.0 / math.sqrt(fan_in)
+                nn.init.uniform_(self.pointwise_out.bias, -bound, bound)
+
+    @staticmethod
+    def unsupported_reason(conv: nn.Module) -> str | None:
+        """One-line reason why ``conv`` cannot become a CP layer, or None if it can."""
+        return conv_unsupported_reason(conv, "CP")
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, rank: int, form: str = "3conv", **cp_kwargs: Any) -> CPConv2d:
+        """Initialise from a trained ``nn.Conv2d`` by CP of its kernel (float64, then cast back).
+
+        ``cp_kwargs`` go to :func:`tncompress.decompositions.cp.cp_conv_kernel` (``n_iter_max``,
+        ``tol``, ``l2_reg``, ``retries``, ``seed``, ``engine``). The outcome is left in the plain
+        dict ``layer.fit_info`` (rel_error, degenerate, attempts, norm_ratio, notes) so the caller
+        can decide to fall back to another method when ``degenerate`` is true.
+        """
+        reason = cls.unsupported_reason(conv)
+        if reason is not None:
+            raise TncompressError(f"cannot use CP here: {reason}")
+        from tncompress.decompositions.cp import cp_conv_kernel
+
+        weight = conv.weight.detach()
+        result = cp_conv_kernel(weight.to(_decomposition_device(weight)), rank, form=form, **cp_kwargs)
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, rank,
+            stride=conv.stride, padding=conv.padding, dilation=conv.dilation,  # type: ignore[arg-type]
+            bias=conv.bias is not None, padding_mode=conv.padding_mode, form=form,
+            device=weight.device, dtype=weight.dtype,
+        )
+        kh, kw = layer.kernel_size
+        f_out, f_in, *f_sp = (f.to(device=weight.device, dtype=weight.dtype) for f in result.factors)
+        with torch.no_grad():
+            layer.pointwise_in.weight.copy_(f_in.T.reshape(rank, -1, 1, 1))
+            convs = layer._spatial_convs()
+            if form == "3conv":
+                convs[0].weight.copy_(f_sp[0].T.reshape(rank, 1, kh, kw))
+            else:
+                convs[0].weight.copy_(f_sp[0].T.reshape(rank, 1, kh, 1))
+                convs[1].weight.copy_(f_sp[1].T.reshape(rank, 1, 1, kw))
+            layer.pointwise_out.weight.copy_(f_out.reshape(-1, rank, 1, 1))
+            if conv.bias is not None:
+                layer.pointwise_out.bias.copy_(conv.bias.detach())
+        layer.fit_info = {
+            "rel_error": result.rel_error,
+            "degenerate": result.degenerate,
+            "attempts": result.attempts,
+            "norm_ratio": result.norm_ratio,
+            "notes": list(result.notes),
+        }
+        return layer
+
+    # -- use -----------------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pointwise_out(self.spatial(self.pointwise_in(x)))
+
+    def dense_kernel(self) -> Tensor:
+        """The equivalent (cout, cin, kh, kw) kernel (computed in float64, returned in the
+        layer's dtype)."""
+        kh, kw = self.kernel_size
+        with torch.no_grad():
+            w_in = self.pointwise_in.weight.double()[:, :, 0, 0]  # (R, cin)
+            w_out = self.pointwise_out.weight.double()[:, :, 0, 0]  # (cout, R)
+            convs = self._spatial_convs()
+            if self.form == "3conv":
+                sp = convs[0].weight.double()[:, 0]  # (R, kh, kw)
+            else:
+                h = convs[0].weight.double()[:, 0, :, 0]  # (R, kh)
+                w = convs[1].weight.double()[:, 0, 0, :]  # (R, kw)
+                sp = h[:, :, None] * w[:, None, :]
+            k = torch.einsum("or,ri,rhw->oihw", w_out, w_in, sp.reshape(self.rank, kh, kw))
+        return k.to(self.pointwise_out.weight.dtype)
+
+    def to_dense(self) -> nn.Conv2d:
+        """The equivalent ``nn.Conv2d`` (same hyper-parameters, dtype and device)."""
+        w = self.pointwise_out.weight
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            self.dilation, bias=self.pointwise_out.bias is not None, padding_mode=self.padding_mode,
+            device=w.device, dtype=w.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_kernel())
+            if conv.bias is not None:
+                conv.bias.copy_(self.pointwise_out.bias)  # type: ignore[arg-type]
+        return conv
+
+    def config(self) -> dict[str, Any]:
+        """JSON-safe constructor arguments that rebuild this structure."""
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "rank": self.rank,
+            "stride": list(self.stride),
+            "padding": _json_geometry(self.padding),
+            "dilation": list(self.dilation),
+            "bias": self.pointwise_out.bias is not None,
+            "padding_mode": self.padding_mode,
+            "form": self.form,
+        }
+
+    def macs_per_sample(self, input_hw: tuple[int, int] | None = None) -> int:
+        """Multiply-accumulates of one forward for one sample of spatial size ``input_hw``."""
+        if input_hw is None:
+            raise ValueError("CPConv2d.macs_per_sample needs input_hw, the input's (H, W)")
+        hw = (int(input_hw[0]), int(input_hw[1]))
+        total = 0
+        for conv in (self.pointwise_in, *self._spatial_convs(), self.pointwise_out):
+            macs, hw = conv_macs(conv, hw)
+            total += macs
+        return total
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+            f"kernel_size={self.kernel_size}, rank={self.rank}, form={self.form}, "
+            f"stride={self.stride}, padding={self.padding!r}, dilation={self.dilation}, "
+            f"bias={self.pointwise_out.bias is not None}, padding_mode={self.padding_mode}"
+        )
