@@ -10,6 +10,8 @@ endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tncompress-installed
 export TNCOMPRESS_DATA ?= $(abspath $(CURDIR)/../shared/data)
+# Busy-waiting OpenMP threads starve each other on small machines; let idle threads sleep.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install test demo bench lint clean
 

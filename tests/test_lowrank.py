@@ -153,11 +153,13 @@ def test_random_init_matches_nn_linear_variance():
     # nn.Linear: Var(W_ij) = 1/(3·in). Pooled over 300 inits the estimate's spread is ~1%.
     torch.manual_seed(0)
     layer = LowRankLinear(64, 48, rank=5, bias=False)
-    samples = []
+    firsts, seconds = [], []
     for _ in range(300):
         layer.reset_parameters()
-        samples.append((layer.second @ layer.first).detach().flatten())
-    ratio = torch.cat(samples).pow(2).mean().item() * 3 * 64
+        firsts.append(layer.first.detach().clone())
+        seconds.append(layer.second.detach().clone())
+    weights = torch.bmm(torch.stack(seconds), torch.stack(firsts))  # one call: see test_tt
+    ratio = weights.pow(2).mean().item() * 3 * 64
     assert abs(ratio - 1) < 0.05, ratio
     # The two factors share the scale evenly.
     assert abs(layer.first.std().item() / layer.second.std().item() - 1) < 0.1
@@ -190,3 +192,21 @@ def test_macs_per_sample_matches_flop_counter(bias):
 def test_extra_repr():
     text = repr(LowRankLinear(30, 20, rank=4))
     assert "rank=4" in text and "in_features=30" in text and "params=200" in text
+
+
+@pytest.mark.parametrize("shape", [(20, 33), (33, 20)])
+def test_large_matrix_route_is_also_optimal(monkeypatch, shape):
+    # Large weights go through eigh of the Gram matrix instead of LAPACK's slow SVD; force that
+    # route on a small matrix and check it gives the same optimal, balanced factors.
+    import tncompress.decompositions.svd as svd_module
+
+    monkeypatch.setattr(svd_module, "_EXACT_SVD_WORK", 0)
+    w = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    s = torch.linalg.svdvals(w)
+    torch.testing.assert_close(singular_values(w), s, rtol=1e-7, atol=1e-7)
+    for rank in (1, 6, 20):
+        left, right = truncated_svd(w, rank)
+        err = torch.linalg.norm(left @ right - w)
+        assert torch.isclose(err, s[rank:].norm(), rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(left.norm(dim=0), s[:rank].sqrt())
+        torch.testing.assert_close(right.norm(dim=1), s[:rank].sqrt())

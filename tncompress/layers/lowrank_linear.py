@@ -6,6 +6,7 @@ Pure torch: a compressed model runs where tensorly is not installed.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ class LowRankLinear(FactorizedLayer):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
             raise RankError(f"low-rank rank must be a positive integer, got {rank!r}")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
