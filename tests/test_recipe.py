@@ -29,7 +29,7 @@ def test_precedence_name_beats_pattern_beats_type_beats_defaults():
     })
     assert got["classifier.0"].settings == {"method": "tt", "rank": 4}
     assert got["classifier.0"].decided_by.startswith("layers[0] (name")
-    assert got["classifier.3"].settings == {"method": "tt", "rank": 16}  # pattern beats type for method
+    assert got["classifier.3"].settings == {"method": "tt"}  # pattern beats type; a new method starts afresh
     assert got["features.2"].settings == {"method": "cp", "rank": 0.3}
     assert got["features.10"].settings == {"method": "cp", "rank": 0.5}
     assert got["features.0"].excluded_by == "exclude: features.0"
@@ -113,3 +113,11 @@ def test_shipped_recipes_parse():
     for path in sorted(Path(__file__).parent.parent.glob("configs/*.yaml")):
         recipe = load_recipe(path)
         assert recipe.rules or recipe.defaults, path
+
+
+def test_rule_switching_method_starts_afresh():
+    got = choices({"version": 1, "defaults": {"Conv2d": {"method": "cp", "rank": 0.3, "n_iter_max": 5}},
+                   "layers": [{"name": "features.2", "method": "tucker2", "rank": [8, 8]},
+                              {"name": "features.10", "rank": 0.2}]})
+    assert got["features.2"].settings == {"method": "tucker2", "rank": [8, 8]}
+    assert got["features.10"].settings == {"method": "cp", "rank": 0.2, "n_iter_max": 5}

@@ -366,8 +366,13 @@ def plan_layer(choice: LayerChoice, module: nn.Module, shapes: tuple[list[int], 
     if shapes is None:
         plan.reason = "not run by the model's forward pass on the calibration input; left dense"
         return plan
-    config, ranks, notes = PLANNERS[method](module, choice.settings, where)
-    layer = LAYER_CLASSES[method](**config)
+    try:
+        config, ranks, notes = PLANNERS[method](module, choice.settings, where)
+        layer = LAYER_CLASSES[method](**config)
+    except (RankError, RecipeError) as exc:
+        if str(exc).startswith(where):
+            raise
+        raise type(exc)(f"{where}: {exc}") from None
     plan.action, plan.method, plan.config, plan.ranks = "decompose", method, config, ranks
     plan.notes.extend(notes)
     plan.params_after = dense_params(layer)

@@ -3,7 +3,8 @@
 Tiers, lowest to highest precedence: ``defaults`` (per type) < ``type`` rules < ``pattern`` /
 ``regex`` rules < ``name`` rules; inside a tier, a later rule wins. Settings cascade: a layer's
 settings are the defaults for its type overlaid by every matching rule in that order, so a rule may
-change only the rank. ``exclude`` beats everything. A rule (or exclude entry) that matches no layer
+change only the rank; a rule that switches to another method starts afresh (the lower tiers'
+settings were meant for the other method). ``exclude`` beats everything. A rule (or exclude entry) that matches no layer
 is an error with the closest layer names as hints; unknown keys are errors.
 """
 from __future__ import annotations
@@ -285,6 +286,8 @@ def match_layers(recipe: Recipe, layers: Sequence[tuple[str, str]]) -> list[Laye
         for rule in ordered:
             if rule.matches(name, type_name):
                 used_rules.add(rule.index)
+                if "method" in rule.settings and rule.settings["method"] != settings.get("method"):
+                    settings = {}  # a new method: lower tiers' settings were meant for another method
                 settings.update(rule.settings)
                 labels.append(rule.label)
         excluded_by = None
