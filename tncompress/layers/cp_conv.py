@@ -12,7 +12,6 @@ components and the 1×kw conv the width components. Padding commutes with the bi
 pads each axis independently for every padding mode, so the chain equals the dense conv with the
 rebuilt kernel. Only plain modules are used, so torch.compile, TorchScript and ONNX export just work.
 
-This module also holds small conv helpers shared with :mod:`tncompress.layers.tucker_conv`.
 """
 from __future__ import annotations
 
@@ -24,101 +23,25 @@ import torch
 from torch import Tensor, nn
 
 from tncompress.errors import RankError, RecipeError, TncompressError
-from tncompress.layers.base import FactorizedLayer
+from tncompress.layers.conv_base import (
+    FactorizedConv2d,
+    _check_channels,
+    _decomposition_device,
+    _IntPair,
+    _pair,
+    _padding,
+    conv_unsupported_reason,
+    dense_init_variance,
+)
 
 CP_FORMS = ("3conv", "4conv")
-
-_IntPair = int | Sequence[int]
-
-
-# --------------------------------------------------------------------------------------------------
-# Helpers shared by the factorized conv layers
-# --------------------------------------------------------------------------------------------------
-
-
-def _pair(value: _IntPair, name: str) -> tuple[int, int]:
-    """An int or a length-2 sequence of ints (e.g. a JSON list) as a tuple of two ints."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return (int(value[0]), int(value[1]))
-    raise RankError(f"{name} must be an int or a pair of ints, got {value!r}")
-
-
-def _padding(value: str | _IntPair) -> str | tuple[int, int]:
-    if isinstance(value, str):
-        if value not in ("same", "valid"):
-            raise RankError(f"padding must be 'same', 'valid', an int or a pair of ints, got {value!r}")
-        return value
-    return _pair(value, "padding")
-
-
-def _json_geometry(value: str | tuple[int, ...]) -> str | list[int]:
-    return value if isinstance(value, str) else [int(v) for v in value]
-
-
-def conv_unsupported_reason(conv: nn.Module, what: str) -> str | None:
-    """Why ``conv`` cannot be replaced by a ``what`` layer (one line), or None if it can."""
-    if not isinstance(conv, nn.Conv2d):
-        return f"{type(conv).__name__} is not an nn.Conv2d; {what} only replaces 2-d convolutions"
-    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
-        return f"lazy {type(conv).__name__} has no weights yet; run a forward pass before decomposing"
-    if conv.groups != 1:
-        return (
-            f"groups={conv.groups} (grouped/depthwise conv) is not supported by {what}, "
-            "which needs groups=1; leave this layer dense"
-        )
-    if conv.weight.is_complex():
-        return f"complex weights are not supported by {what}"
-    return None
-
-
-def conv_output_hw(conv: nn.Conv2d, input_hw: tuple[int, int]) -> tuple[int, int]:
-    """Spatial output size of ``conv`` for an input of size ``input_hw`` (as PyTorch computes it)."""
-    out = []
-    for axis in range(2):
-        size, k = int(input_hw[axis]), conv.kernel_size[axis]
-        s, d = conv.stride[axis], conv.dilation[axis]
-        if conv.padding == "same":
-            out.append(size)
-            continue
-        p = 0 if conv.padding == "valid" else conv.padding[axis]  # type: ignore[index]
-        out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
-    return out[0], out[1]
-
-
-def conv_macs(conv: nn.Conv2d, input_hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:
-    """(MACs for one sample, output (H, W)) of ``conv``; bias adds are not counted (as
-    ``FlopCounterMode``, whose conv FLOPs are 2 · out_h · out_w · cout · cin/groups · kh · kw)."""
-    oh, ow = conv_output_hw(conv, input_hw)
-    kh, kw = conv.kernel_size
-    macs = oh * ow * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
-    return macs, (oh, ow)
-
-
-def dense_init_variance(fan_in: int) -> float:
-    """Weight variance of ``nn.Conv2d``/``nn.Linear`` default init (kaiming_uniform, a=√5)."""
-    return 1.0 / (3.0 * fan_in)
-
-
-def _check_channels(in_channels: int, out_channels: int) -> None:
-    for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise RankError(f"{name} must be a positive integer, got {v!r}")
-
-
-def _decomposition_device(weight: Tensor) -> torch.device:
-    """Where to run the float64 decomposition (MPS has no float64, so use the CPU there)."""
-    return torch.device("cpu") if weight.device.type == "mps" else weight.device
-
 
 # --------------------------------------------------------------------------------------------------
 # CPConv2d
 # --------------------------------------------------------------------------------------------------
 
 
-class CPConv2d(FactorizedLayer):
+class CPConv2d(FactorizedConv2d):
     """Rank-R CP convolution: 1×1 → depthwise spatial (one kh×kw, or kh×1 then 1×kw) → 1×1."""
 
     method = "cp"
@@ -261,6 +184,9 @@ class CPConv2d(FactorizedLayer):
     def forward(self, x: Tensor) -> Tensor:
         return self.pointwise_out(self.spatial(self.pointwise_in(x)))
 
+    def conv_chain(self) -> list[nn.Conv2d]:
+        return [self.pointwise_in, *self._spatial_convs(), self.pointwise_out]
+
     def dense_kernel(self) -> Tensor:
         """The equivalent (cout, cin, kh, kw) kernel (computed in float64, returned in the
         layer's dtype)."""
@@ -278,50 +204,12 @@ class CPConv2d(FactorizedLayer):
             k = torch.einsum("or,ri,rhw->oihw", w_out, w_in, sp.reshape(self.rank, kh, kw))
         return k.to(self.pointwise_out.weight.dtype)
 
-    def to_dense(self) -> nn.Conv2d:
-        """The equivalent ``nn.Conv2d`` (same hyper-parameters, dtype and device)."""
-        w = self.pointwise_out.weight
-        conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, bias=self.pointwise_out.bias is not None, padding_mode=self.padding_mode,
-            device=w.device, dtype=w.dtype,
-        )
-        with torch.no_grad():
-            conv.weight.copy_(self.dense_kernel())
-            if conv.bias is not None:
-                conv.bias.copy_(self.pointwise_out.bias)  # type: ignore[arg-type]
-        return conv
-
     def config(self) -> dict[str, Any]:
         """JSON-safe constructor arguments that rebuild this structure."""
-        return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": list(self.kernel_size),
-            "rank": self.rank,
-            "stride": list(self.stride),
-            "padding": _json_geometry(self.padding),
-            "dilation": list(self.dilation),
-            "bias": self.pointwise_out.bias is not None,
-            "padding_mode": self.padding_mode,
-            "form": self.form,
-        }
-
-    def macs_per_sample(self, input_hw: tuple[int, int] | None = None) -> int:
-        """Multiply-accumulates of one forward for one sample of spatial size ``input_hw``."""
-        if input_hw is None:
-            raise ValueError("CPConv2d.macs_per_sample needs input_hw, the input's (H, W)")
-        hw = (int(input_hw[0]), int(input_hw[1]))
-        total = 0
-        for conv in (self.pointwise_in, *self._spatial_convs(), self.pointwise_out):
-            macs, hw = conv_macs(conv, hw)
-            total += macs
-        return total
+        return {**self.geometry_config(), "rank": self.rank, "form": self.form}
 
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
-            f"kernel_size={self.kernel_size}, rank={self.rank}, form={self.form}, "
-            f"stride={self.stride}, padding={self.padding!r}, dilation={self.dilation}, "
-            f"bias={self.pointwise_out.bias is not None}, padding_mode={self.padding_mode}"
+            f"kernel_size={self.kernel_size}, rank={self.rank}, form={self.form}, {self.geometry_repr()}"
         )

@@ -18,15 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from tncompress.errors import RankError, TncompressError
-from tncompress.layers.base import FactorizedLayer
-from tncompress.layers.cp_conv import (
+from tncompress.layers.conv_base import (
+    FactorizedConv2d,
     _check_channels,
     _decomposition_device,
-    _json_geometry,
     _IntPair,
     _pair,
     _padding,
-    conv_macs,
     conv_unsupported_reason,
     dense_init_variance,
 )
@@ -43,7 +41,7 @@ def _check_ranks(ranks: Sequence[int], in_channels: int, out_channels: int) -> t
     return int(r_in), int(r_out)
 
 
-class Tucker2Conv2d(FactorizedLayer):
+class Tucker2Conv2d(FactorizedConv2d):
     """Tucker-2 convolution: 1×1 (cin → r_in) → kh×kw (r_in → r_out) → 1×1 (r_out → cout)."""
 
     method = "tucker2"
@@ -144,6 +142,9 @@ class Tucker2Conv2d(FactorizedLayer):
     def forward(self, x: Tensor) -> Tensor:
         return self.pointwise_out(self.core(self.pointwise_in(x)))
 
+    def conv_chain(self) -> list[nn.Conv2d]:
+        return [self.pointwise_in, self.core, self.pointwise_out]
+
     def dense_kernel(self) -> Tensor:
         """The equivalent (cout, cin, kh, kw) kernel (computed in float64, returned in the
         layer's dtype)."""
@@ -153,50 +154,13 @@ class Tucker2Conv2d(FactorizedLayer):
             k = torch.einsum("oa,abhw,bi->oihw", w_out, self.core.weight.double(), w_in)
         return k.to(self.pointwise_out.weight.dtype)
 
-    def to_dense(self) -> nn.Conv2d:
-        """The equivalent ``nn.Conv2d`` (same hyper-parameters, dtype and device)."""
-        w = self.pointwise_out.weight
-        conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, bias=self.pointwise_out.bias is not None, padding_mode=self.padding_mode,
-            device=w.device, dtype=w.dtype,
-        )
-        with torch.no_grad():
-            conv.weight.copy_(self.dense_kernel())
-            if conv.bias is not None:
-                conv.bias.copy_(self.pointwise_out.bias)  # type: ignore[arg-type]
-        return conv
-
     def config(self) -> dict[str, Any]:
         """JSON-safe constructor arguments that rebuild this structure."""
-        return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": list(self.kernel_size),
-            "ranks": list(self.ranks),
-            "stride": list(self.stride),
-            "padding": _json_geometry(self.padding),
-            "dilation": list(self.dilation),
-            "bias": self.pointwise_out.bias is not None,
-            "padding_mode": self.padding_mode,
-        }
-
-    def macs_per_sample(self, input_hw: tuple[int, int] | None = None) -> int:
-        """Multiply-accumulates of one forward for one sample of spatial size ``input_hw``."""
-        if input_hw is None:
-            raise ValueError("Tucker2Conv2d.macs_per_sample needs input_hw, the input's (H, W)")
-        hw = (int(input_hw[0]), int(input_hw[1]))
-        total = 0
-        for conv in (self.pointwise_in, self.core, self.pointwise_out):
-            macs, hw = conv_macs(conv, hw)
-            total += macs
-        return total
+        return {**self.geometry_config(), "ranks": list(self.ranks)}
 
     def extra_repr(self) -> str:
         r_in, r_out = self.ranks
         return (
             f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
-            f"kernel_size={self.kernel_size}, ranks=(r_in={r_in}, r_out={r_out}), "
-            f"stride={self.stride}, padding={self.padding!r}, dilation={self.dilation}, "
-            f"bias={self.pointwise_out.bias is not None}, padding_mode={self.padding_mode}"
+            f"kernel_size={self.kernel_size}, ranks=(r_in={r_in}, r_out={r_out}), {self.geometry_repr()}"
         )
