@@ -111,3 +111,16 @@ def test_pickled_model_with_trust_and_import(cli, tmp_path, model_def, write_rec
         tncompress.load(out)
     model = tncompress.load(out, base_model=sys.modules[name].make(16))
     assert type(model.fc).__name__ == "LowRankLinear"
+
+
+def test_report_takes_the_baseline_architecture_from_the_compressed_checkpoint(cli, r18, tmp_path):
+    out = tmp_path / "r18-tt.pt"
+    recipe = tmp_path / "fc.yaml"
+    recipe.write_text("version: 1\nlayers:\n  - {name: fc, method: lowrank, rank: 4}\n")
+    assert cli("decompose", r18, *R18, "-r", recipe, "-o", out, "--input-shape", "1,3,32,32").exit_code == 0
+    rep = cli("report", r18, out, "--input-shape", "1,3,32,32", "--json")  # no --arch: as in the README
+    assert rep.exit_code == 0, rep.output
+    assert "using the architecture recorded in" in rep.stderr
+    base, small = json.loads(rep.stdout)["models"]
+    assert base["params"] - small["params"] == 512 * 10 - 4 * (512 + 10)
+    assert_user_error(cli("report", r18, "--input-shape", "1,3,32,32"), "--arch")

@@ -30,6 +30,10 @@ FORMAT_VERSION = 1
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
 
+class NeedsArchitecture(CheckpointError):
+    """A state dict was given without an architecture to load it into."""
+
+
 @dataclass
 class LoadedModel:
     """A model ready to use, and what is known about where it came from."""
@@ -221,7 +225,7 @@ def load_model(path: str | Path, spec: ModelSpec | None = None, *, trust_pickle:
         raise CheckpointError(f"{path}: holds neither a state dict nor a model "
                               f"(top-level {type(obj).__name__}{_keys_hint(obj)})")
     if spec is None:
-        raise CheckpointError(f"{path} is a state dict: say which architecture it belongs to with --arch "
+        raise NeedsArchitecture(f"{path} is a state dict: say which architecture it belongs to with --arch "
                               "(e.g. --arch torchvision:resnet18 --arch-arg num_classes=10)")
     model = base_model if base_model is not None else build_model(spec)
     load_state_dict_into(model, state_dict, str(path))

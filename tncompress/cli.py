@@ -154,7 +154,7 @@ def _plan_table(plan, title: str) -> Table:
             table.add_row(p.name, p.decided_by or "–", f"dense: {p.reason}", f"{p.params_before:,}",
                           human(p.macs_before), "–", "–", style="dim")
             continue
-        table.add_row(p.name, p.decided_by or "–", f"{p.method} {p.ranks}",
+        table.add_row(p.name, p.decided_by or "–", p.reason or f"{p.method} {p.ranks}",
                       f"{p.params_before:,} → {p.params_after:,}", f"{human(p.macs_before)} → {human(p.macs_after)}",
                       _fmt(p.weight_rel_error), _fmt(p.output_rel_error))
     return table
@@ -321,7 +321,7 @@ def report(
 
         if not torch.cuda.is_available():
             raise TncompressError("--device cuda: no CUDA device is available here")
-    loaded = [_load(p, arch, arch_args, imports, trust_pickle, input_shape) for p in checkpoints]
+    loaded = _load_for_report(checkpoints, arch, arch_args, imports, trust_pickle, input_shape)
     recorded = [m.spec.input_shape for m in loaded if m.spec is not None and m.spec.input_shape]
     shape = _input_shape(loaded[0], input_shape) if input_shape or not recorded else list(recorded[0])
     rep = build_report(loaded, ReportOptions(shape, latency, latency_batch, device))
@@ -347,6 +347,31 @@ def report(
                 t.add_row(*r)
             console.print(t)
     console.print(f"[dim]{rep['mac_rule']}[/]")
+
+
+def _load_for_report(paths: list[Path], arch, arch_args, imports, trust_pickle, input_shape) -> list:
+    """Load every model; a state dict given without --arch takes the architecture recorded in a
+    tncompress checkpoint of the same report (the usual case: baseline next to its compressed model)."""
+    from tncompress.checkpoint import NeedsArchitecture, load_model
+
+    loaded: list[Any] = []
+    pending: list[int] = []
+    for i, path in enumerate(paths):
+        try:
+            loaded.append(_load(path, arch, arch_args, imports, trust_pickle, input_shape))
+        except NeedsArchitecture:
+            loaded.append(None)
+            pending.append(i)
+    if pending:
+        donor = next((m for m in loaded if m is not None and m.kind == "tncompress" and m.spec is not None), None)
+        if donor is None:
+            raise NeedsArchitecture(f"{paths[pending[0]]} is a state dict: say which architecture it belongs to "
+                                    "with --arch (e.g. --arch torchvision:resnet18 --arch-arg num_classes=10)")
+        for i in pending:
+            err_console.print(f"[dim]{paths[i]}: a state dict; using the architecture recorded in {donor.path} "
+                              f"({donor.spec.arch} {donor.spec.kwargs})[/]", highlight=False)
+            loaded[i] = load_model(paths[i], donor.spec, imports=[str(p) for p in imports or []])
+    return loaded
 
 
 def main() -> None:

@@ -72,7 +72,7 @@ def _factorize(module: nn.Module, plan: LayerPlan) -> nn.Module:
         return Tucker2Conv2d.from_dense(module, ranks=tuple(c["ranks"]), method=s.get("algorithm", "hooi"),
                                         n_iter=s.get("n_iter", 20))
     if plan.method == "cp":
-        kwargs = {k: s[k] for k in ("n_iter_max", "tol", "retries", "l2_reg") if k in s}
+        kwargs = {k: s[k] for k in ("n_iter_max", "tol", "retries", "l2_reg", "engine") if k in s}
         return CPConv2d.from_dense(module, rank=c["rank"], form=c["form"], **kwargs)
     raise ValueError(f"unknown method {plan.method!r}")
 
@@ -89,6 +89,7 @@ def _cp_fallback(module: nn.Conv2d, plan: LayerPlan, layer: CPConv2d) -> nn.Modu
     r_out, r_in = tucker2_ranks_for_fraction(tuple(module.weight.shape), fraction)
     new = Tucker2Conv2d.from_dense(module, ranks=(r_in, r_out))
     plan.method, plan.config, plan.ranks = "tucker2", new.config(), [r_in, r_out]
+    plan.reason = f"tucker2 rank {[r_in, r_out]} (CP degenerated)"
     plan.notes.append(f"fell back to Tucker-2 ranks [R_in={r_in}, R_out={r_out}] at the same parameter budget")
     return new
 

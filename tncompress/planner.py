@@ -248,6 +248,10 @@ def plan_cp(module: nn.Conv2d, s: dict[str, Any], where: str) -> tuple[dict[str,
     form = s.get("form", "3conv")
     if form not in ("3conv", "4conv"):
         raise RecipeError(f"{where}: form must be '3conv' or '4conv', got {form!r}")
+    if s.get("engine", "als") not in ("als", "tensorly"):
+        raise RecipeError(f"{where}: engine must be 'als' or 'tensorly', got {s['engine']!r}")
+    if s.get("fallback", "tucker2") not in ("tucker2", "none"):
+        raise RecipeError(f"{where}: fallback must be 'tucker2' or 'none', got {s['fallback']!r}")
     shape = tuple(module.weight.shape)
     rank = s.get("rank")
     if rank is None:

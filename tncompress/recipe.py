@@ -34,7 +34,7 @@ SELECTORS = ("name", "pattern", "regex", "type")
 METHOD_KEYS: dict[str, frozenset[str]] = {
     "tt": frozenset({"rank", "in_modes", "out_modes", "d"}),
     "lowrank": frozenset({"rank"}),
-    "cp": frozenset({"rank", "form", "n_iter_max", "tol", "retries", "l2_reg", "fallback"}),
+    "cp": frozenset({"rank", "form", "n_iter_max", "tol", "retries", "l2_reg", "fallback", "engine"}),
     "tucker2": frozenset({"rank", "algorithm", "n_iter", "floor", "weakening"}),
     "none": frozenset(),
 }
