@@ -328,11 +328,13 @@ def test_macs_per_sample_matches_flop_counter(shape):
     in_modes, out_modes, r = shape
     layer = TTLinear(math.prod(in_modes), math.prod(out_modes), in_modes=list(in_modes), out_modes=list(out_modes), ranks=r)
     x = torch.randn(1, layer.in_features)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:  # with autograd the cores are merged every call
         layer(x)
-    assert counter.get_total_flops() == 2 * layer.macs_per_sample()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        layer(x)
+    assert counter.get_total_flops() == 2 * (layer.macs_per_sample() + layer.merge_macs())
+    with torch.no_grad():
+        layer(x)  # inference: merges once, then reuses them
+        with FlopCounterMode(display=False) as counter:
+            layer(x)
     assert counter.get_total_flops() == 2 * layer.macs_per_sample()
 
 
@@ -386,3 +388,24 @@ def test_layers_import_without_tensorly():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_inference_cache_of_merged_cores_follows_parameter_updates():
+    torch.manual_seed(0)
+    layer = TTLinear(64, 48, in_modes=[4, 4, 4], out_modes=[4, 4, 3], ranks=3)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        first = layer(x)
+        assert layer._merged_cache  # filled without autograd
+        layer.cores[0].mul_(2.0)  # an in-place update, like an optimizer step
+        second = layer(x)
+    expected = x @ layer.to_dense().weight.T + layer.bias
+    torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first, second)
+    other = TTLinear(64, 48, in_modes=[4, 4, 4], out_modes=[4, 4, 3], ranks=3)
+    layer.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), other(x))
+    y = layer(x)  # with autograd: no cache, gradients flow
+    y.sum().backward()
+    assert all(c.grad is not None for c in layer.cores)

@@ -19,7 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tncompress.errors import TncompressError
 
-MAC_RULE = ("MACs = FLOPs / 2 of the matmul and convolution ops run in one forward pass, counted by "
+MAC_RULE = ("MACs = FLOPs / 2 of the matmul and convolution ops run in one inference forward pass at "
+            "batch 1 (after a warm-up, so one-off work such as merging TT cores is cached), counted by "
             "torch.utils.flop_counter.FlopCounterMode; element-wise ops (bias, activations, norms, pooling) "
             "are not counted")
 
@@ -49,8 +50,10 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> MacCount:
     """MACs of one forward of ``model`` on ``example`` (divide by the batch size for per-sample)."""
     root = type(model).__name__
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(example)
+    with torch.no_grad():
+        model(example)  # warm-up: layers that cache batch-independent work (TT core merges) fill it
+        with counter:
+            model(example)
     per_module: dict[str, int] = {}
     for key, ops in counter.get_flop_counts().items():
         if key == "Global":

@@ -68,8 +68,9 @@ class _Plan:
     direction: str
     groups: tuple[tuple[int, int], ...]
     steps: tuple[_Step, ...]
-    macs: int  # for the batch size the plan was costed at (its power-of-two bucket)
+    macs: int  # for the batch size the plan was costed at (its power-of-two bucket), merges included
     cost: float
+    merge_macs: int = 0  # of which merging cores into groups (batch independent; cached at inference)
 
 
 def _group_shape(shapes: Sequence[tuple[int, int, int, int]], a: int, b: int) -> tuple[int, int, int, int]:
@@ -84,11 +85,13 @@ def _make_plan(
     elements = 0
     small = 0.0
     gshapes = []
+    merge_macs = 0
     for a, b in groups:
         r0, ma, na, r1 = shapes[a]
         for k in range(a + 1, b):
             _, mb, nb, r2 = shapes[k]
             macs += r0 * ma * na * r1 * mb * nb * r2
+            merge_macs += r0 * ma * na * r1 * mb * nb * r2
             ma, na, r1 = ma * mb, na * nb, r2
             elements += 2 * r0 * ma * na * r1  # the GEMM output and its permuted copy
         gshapes.append((r0, ma, na, r1))
@@ -114,7 +117,7 @@ def _make_plan(
             small += step_macs / min(r, s, 64)
         steps.append(_Step(k, q, r, s))
     cost = macs + _ELEMENT_COST * elements + _SMALL_GEMM_COST * small
-    return _Plan(direction, groups, tuple(steps), macs, cost)
+    return _Plan(direction, groups, tuple(steps), macs, cost, merge_macs)
 
 
 def _candidate_groupings(d: int) -> list[tuple[tuple[int, int], ...]]:
@@ -172,6 +175,7 @@ class TTLinear(FactorizedLayer):
         )
         self.bias = nn.Parameter(torch.empty(self.out_features, **factory)) if bias else None
         self._plans: dict[int, _Plan] = {}
+        self._merged_cache: dict[Any, list[Tensor]] = {}
         self.reset_parameters()
 
     # ------------------------------------------------------------------ construction helpers
@@ -291,11 +295,18 @@ class TTLinear(FactorizedLayer):
         return sum(c.numel() for c in self.cores)
 
     def macs_per_sample(self, input_hw: tuple[int, int] | None = None) -> int:
-        """MACs of one forward of a single sample, exactly as run (core merges included).
+        """MACs of one inference forward of a single sample, exactly as run once the merged cores
+        are cached (see :meth:`merge_macs` for the one-off merge, which a training forward repeats).
 
         The bias add is not a MAC and is not counted (as in FlopCounterMode).
         """
-        return self._plan_for(1).macs
+        plan = self._plan_for(1)
+        return plan.macs - plan.merge_macs
+
+    def merge_macs(self, batch: int = 1) -> int:
+        """MACs of merging neighbouring cores for the plan used at ``batch``: done on every forward
+        with autograd, once (then cached) at inference."""
+        return self._plan_for(batch).merge_macs
 
     def extra_repr(self) -> str:
         return (
@@ -339,13 +350,36 @@ class TTLinear(FactorizedLayer):
         return best
 
     def _merged_cores(self, plan: _Plan) -> list[Tensor]:
-        """Each group's cores contracted into one core, laid out as the (R, Q) matrix a step needs."""
+        """Each group's cores contracted into one core, laid out as the (R, Q) matrix a step needs.
+
+        Without autograd the result is cached, keyed by the plan and by each core's storage and
+        version counter, so an optimizer step, ``load_state_dict`` or ``.to()`` invalidates it. At
+        batch 1 merging the cores costs more than the contraction itself (1024→1024, rank 8: half
+        of the forward time), so inference reuses the merged cores.
+        """
         cores = list(self.cores)
+        key = None
         if not torch.is_grad_enabled():
             # Views of a Parameter keep requires_grad=True even under no_grad, and then
             # torch.matmul(2-D, 3-D) copies the activations to fold them; detaching avoids that
             # (4x faster at fc6) and changes nothing else when no graph is recorded.
             cores = [c.detach() for c in cores]
+            try:
+                key = (plan.groups, plan.direction, tuple((c.data_ptr(), c._version, c.dtype, c.device) for c in cores))
+            except RuntimeError:  # inference tensors have no version counter: do not cache
+                key = None
+            cached = self._merged_cache.get(key) if key is not None else None
+            if cached is not None:
+                return cached
+        out = self._merge(cores, plan)
+        if key is not None:
+            if len(self._merged_cache) >= 4:
+                self._merged_cache.clear()
+            self._merged_cache[key] = out
+        return out
+
+    @staticmethod
+    def _merge(cores: list[Tensor], plan: _Plan) -> list[Tensor]:
         out = []
         for a, b in plan.groups:
             core = cores[a]
