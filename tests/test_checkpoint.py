@@ -167,3 +167,18 @@ def test_recompressing_a_compressed_checkpoint_keeps_earlier_layers(tmp_path, cl
     model = tncompress.load(tmp_path / "b.pt", imports=[str(mod)])
     assert type(model.head[1]).__name__ == "TTLinear" and type(model.features[2]).__name__ == "Tucker2Conv2d"
     assert os.path.getsize(tmp_path / "b.pt") < os.path.getsize(src)
+
+
+def test_cifar_stem_resnet_rebuilds_from_its_spec(tmp_path):
+    spec = ModelSpec("torchvision:resnet18", {"num_classes": 10, "cifar_stem": True})
+    model = build_model(spec)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert spec.default_input_shape() == [1, 3, 32, 32]
+    path = tmp_path / "r18c.pt"
+    torch.save(model.state_dict(), path)
+    loaded = load_model(path, spec)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model.eval()(x))
+    with pytest.raises(ModelSpecError, match="cifar_stem=true applies to ResNet-style models"):
+        build_model(ModelSpec("torchvision:vgg11", {"cifar_stem": True}))

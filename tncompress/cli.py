@@ -302,9 +302,14 @@ def report(
     layers: bool = typer.Option(False, "--layers", help="Show the per-layer table in the terminal."),
     latency: bool = typer.Option(False, "--latency", help="Measure forward latency (median of repeated runs)."),
     latency_batch: int = typer.Option(1, "--latency-batch", min=1, help="Batch size for --latency."),
-    device: str = typer.Option("cpu", "--device", help="Device for latency: cpu or cuda."),
+    device: str = typer.Option("cpu", "--device", help="Device for latency and accuracy: cpu or cuda."),
+    dataset: str = typer.Option(None, "--dataset", "-d", help="Add top-1 / top-5 accuracy on this dataset's test split."),
+    data_dir: str = DataDirOpt,
+    limit_test: int = typer.Option(None, "--limit-test", min=1, help="Evaluate on the first N test images only."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Evaluation batch size."),
 ) -> None:
-    """Params, bytes on disk, MACs (per layer and total) and ratios against the first model."""
+    """Params, bytes on disk, MACs (per layer and total), ratios against the first model, and
+    accuracy with --dataset."""
     from tncompress.checkpoint import atomic_write
     from tncompress.report import LAYER_HEADERS, ReportOptions, build_report, layer_rows, summary_rows, to_json, to_markdown
 
@@ -324,7 +329,12 @@ def report(
     loaded = _load_for_report(checkpoints, arch, arch_args, imports, trust_pickle, input_shape)
     recorded = [m.spec.input_shape for m in loaded if m.spec is not None and m.spec.input_shape]
     shape = _input_shape(loaded[0], input_shape) if input_shape or not recorded else list(recorded[0])
-    rep = build_report(loaded, ReportOptions(shape, latency, latency_batch, device))
+    data = None
+    if dataset is not None:
+        from tncompress.finetune import DataOptions
+
+        data = DataOptions(dataset, data_dir, limit_test=limit_test)
+    rep = build_report(loaded, ReportOptions(shape, latency, latency_batch, device, data, batch_size))
     if as_json or as_markdown:
         text = to_json(rep) + "\n" if as_json else to_markdown(rep)
         if output:
@@ -347,6 +357,171 @@ def report(
                 t.add_row(*r)
             console.print(t)
     console.print(f"[dim]{rep['mac_rule']}[/]")
+
+
+# --- training ------------------------------------------------------------------------------------
+
+DatasetOpt = typer.Option(..., "--dataset", "-d", help="mnist, fashion-mnist, cifar10, tiny-imagenet or synthetic.")
+DataDirOpt = typer.Option(None, "--data-dir", help="Dataset root (default: $TNCOMPRESS_DATA, else ~/.cache/tncompress/data).")
+
+
+def _train_options(epochs: int, batch_size: int, optimizer: str, lr: float, weight_decay: float, momentum: float,
+                   warmup: float, schedule: str, label_smoothing: float, amp: str, device: str, seed: int,
+                   kd_weight: float, kd_temperature: float, grad_clip: float | None):
+    from tncompress.train import TrainConfig
+
+    return TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                       momentum=momentum, warmup_epochs=warmup, schedule=schedule, label_smoothing=label_smoothing,
+                       amp=amp, device=device, seed=seed, kd_weight=kd_weight, kd_temperature=kd_temperature,
+                       grad_clip=grad_clip)
+
+
+def _run_training(loaded, output: Path, data, config, teacher, resume: bool, extra: dict[str, Any]) -> None:
+    from tncompress.data import dataset_summary
+    from tncompress.finetune import input_geometry, train_and_save
+
+    channels, size = input_geometry(loaded, data)
+    for split in ("train", "test"):
+        console.print(dataset_summary(data.name, split, data_dir=data.data_dir, image_size=size, channels=channels,
+                                      limit=data.limit_train if split == "train" else data.limit_test), highlight=False)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[stats]}"), console=err_console, transient=True)
+    task_ids: dict[str, Any] = {}
+
+    def on_event(event: str, payload: dict[str, Any]) -> None:
+        if event == "epoch_start":
+            task_ids["epoch"] = progress.add_task(f"epoch {payload['epoch']}/{config.epochs}",
+                                                  total=payload.get("steps"), stats="")
+        elif event == "batch" and "epoch" in task_ids:
+            stats = (f"loss {payload.get('loss', float('nan')):.4f}  acc {payload.get('top1', float('nan')):.2f}%  "
+                     f"{payload.get('images_per_second', 0):,.0f} img/s")
+            progress.update(task_ids["epoch"], completed=payload.get("step"), stats=stats)
+        elif event == "epoch_end":
+            if "epoch" in task_ids:
+                progress.remove_task(task_ids.pop("epoch"))
+            console.print(f"epoch {payload['epoch']}: train loss {payload['train_loss']:.4f}, "
+                          f"test top-1 {payload['test_top1']:.2f}%, top-5 {payload['test_top5']:.2f}%, "
+                          f"{payload.get('images_per_second', 0):,.0f} img/s, {payload.get('seconds', 0):.1f} s",
+                          highlight=False)
+
+    with progress:
+        try:
+            result = train_and_save(loaded, output, data, config, teacher=teacher, resume=resume, on_event=on_event,
+                                    extra_metadata=extra)
+        except KeyboardInterrupt:
+            raise TncompressError(f"interrupted; the last finished epoch is saved — continue with the same command "
+                                  f"and --resume (state in {output}.state.pt)") from None
+    console.print(f"done: best test top-1 {result.best_top1:.2f}% (epoch {result.best_epoch}), final "
+                  f"{result.history[-1]['test_top1']:.2f}% on {data.name}; {result.device}, amp {result.amp}; "
+                  f"wrote {output}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def train(
+    arch: str = typer.Option(..., "--arch", help="Architecture: mlp-1024, lenet5, torchvision:<name>, package.module:factory."),
+    arch_args: list[str] = ArchArgOpt,
+    imports: list[str] = ImportOpt,
+    dataset: str = DatasetOpt,
+    output: Path = typer.Option(..., "--output", "-o", help="Checkpoint to write (a tncompress checkpoint)."),
+    data_dir: str = DataDirOpt,
+    epochs: int = typer.Option(10, "--epochs", min=1),
+    batch_size: int = typer.Option(128, "--batch-size", min=1),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd or adamw."),
+    lr: float = typer.Option(0.05, "--lr"),
+    weight_decay: float = typer.Option(5e-4, "--weight-decay"),
+    momentum: float = typer.Option(0.9, "--momentum"),
+    warmup: float = typer.Option(0.5, "--warmup", help="Warm-up epochs (may be fractional)."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine or constant."),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing"),
+    augment: bool = typer.Option(False, "--augment/--no-augment", help="Standard light augmentation."),
+    amp: str = typer.Option("auto", "--amp", help="auto (bf16/fp16 on CUDA, off on CPU), bf16, fp16 or off."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, "--seed"),
+    workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
+    limit_train: int = typer.Option(None, "--limit-train", min=1, help="Use only the first N training images."),
+    limit_test: int = typer.Option(None, "--limit-test", min=1, help="Use only the first N test images."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT.state.pt."),
+    grad_clip: float = typer.Option(None, "--grad-clip"),
+) -> None:
+    """Train a model from scratch: a baseline for people without a checkpoint."""
+    from tncompress.checkpoint import LoadedModel
+    from tncompress.finetune import DataOptions
+    from tncompress.models import build_model
+
+    spec = _spec(arch, arch_args, imports, None)
+    torch_seed(seed)
+    model = build_model(spec)
+    loaded = LoadedModel(model, spec, "fresh", "")
+    config = _train_options(epochs, batch_size, optimizer, lr, weight_decay, momentum, warmup, schedule,
+                            label_smoothing, amp, device, seed, 0.0, 4.0, grad_clip)
+    data = DataOptions(dataset, data_dir, augment=augment, limit_train=limit_train, limit_test=limit_test,
+                       num_workers=workers)
+    _run_training(loaded, output, data, config, None, resume, {"source": None, "source_kind": "fresh"})
+
+
+@app.command()
+@handle_errors
+def finetune(
+    checkpoint: Path = typer.Argument(..., help="Model to fine-tune (usually a compressed tncompress checkpoint)."),
+    dataset: str = DatasetOpt,
+    output: Path = typer.Option(..., "--output", "-o", help="Fine-tuned tncompress checkpoint to write."),
+    teacher: Path = typer.Option(None, "--teacher", help="Teacher for knowledge distillation (e.g. the uncompressed model)."),
+    kd_weight: float = typer.Option(None, "--kd-weight", help="Weight of the distillation loss in [0, 1] (default 0.7 with --teacher)."),
+    kd_temperature: float = typer.Option(4.0, "--kd-temperature"),
+    arch: str = ArchOpt,
+    arch_args: list[str] = ArchArgOpt,
+    imports: list[str] = ImportOpt,
+    trust_pickle: bool = TrustOpt,
+    data_dir: str = DataDirOpt,
+    epochs: int = typer.Option(5, "--epochs", min=1),
+    batch_size: int = typer.Option(128, "--batch-size", min=1),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd or adamw."),
+    lr: float = typer.Option(0.01, "--lr"),
+    weight_decay: float = typer.Option(5e-4, "--weight-decay"),
+    momentum: float = typer.Option(0.9, "--momentum"),
+    warmup: float = typer.Option(0.0, "--warmup", help="Warm-up epochs (may be fractional)."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine or constant."),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing"),
+    augment: bool = typer.Option(False, "--augment/--no-augment", help="Standard light augmentation."),
+    amp: str = typer.Option("auto", "--amp", help="auto (bf16/fp16 on CUDA, off on CPU), bf16, fp16 or off."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, "--seed"),
+    workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
+    limit_train: int = typer.Option(None, "--limit-train", min=1, help="Use only the first N training images."),
+    limit_test: int = typer.Option(None, "--limit-test", min=1, help="Use only the first N test images."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT.state.pt."),
+    grad_clip: float = typer.Option(None, "--grad-clip"),
+) -> None:
+    """Fine-tune a (compressed) model to recover accuracy, optionally distilling from a teacher."""
+    from tncompress.finetune import DataOptions
+
+    loaded = _load(checkpoint, arch, arch_args, imports, trust_pickle, None)
+    teacher_model = None
+    if teacher is not None:
+        teacher_model = _load(teacher, arch, arch_args, imports, trust_pickle, None).model
+    if kd_weight is None:
+        kd_weight = 0.7 if teacher_model is not None else 0.0
+    if kd_weight > 0 and teacher_model is None:
+        raise TncompressError("--kd-weight needs --teacher (the model to distil from)")
+    torch_seed(seed)
+    config = _train_options(epochs, batch_size, optimizer, lr, weight_decay, momentum, warmup, schedule,
+                            label_smoothing, amp, device, seed, kd_weight, kd_temperature, grad_clip)
+    data = DataOptions(dataset, data_dir, augment=augment, limit_train=limit_train, limit_test=limit_test,
+                       num_workers=workers)
+    _run_training(loaded, output, data, config, teacher_model, resume,
+                  {"source": str(checkpoint), "source_kind": loaded.kind,
+                   "teacher": str(teacher) if teacher is not None else None})
+
+
+def torch_seed(seed: int) -> None:
+    """Seed model initialisation (the training loop re-seeds per epoch itself)."""
+    import random
+
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _load_for_report(paths: list[Path], arch, arch_args, imports, trust_pickle, input_shape) -> list:

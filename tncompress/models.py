@@ -3,7 +3,8 @@
 A spec is one of
 
 * ``torchvision:<name>`` — a torchvision classification model, built without pretrained weights,
-  with keyword arguments such as ``num_classes=10``;
+  with keyword arguments such as ``num_classes=10`` (and ``cifar_stem=true`` for ResNets on 32×32
+  inputs: 3×3 stride-1 first conv, no max-pool);
 * ``<package.module>:<factory>`` — a callable in the user's code (``--import path/to/file.py``
   makes a file importable first);
 * a built-in reference net: ``mlp-1024`` (the 1024-1024-10 MNIST MLP of the TT paper) or ``lenet5``.
@@ -103,7 +104,12 @@ class ModelSpec:
         if self.input_shape:
             return list(self.input_shape)
         if self.arch in BUILTIN_MODELS:
-            return list(BUILTIN_MODELS[self.arch].input_shape)
+            shape = list(BUILTIN_MODELS[self.arch].input_shape)
+            if "in_channels" in self.kwargs:
+                shape[1] = int(self.kwargs["in_channels"])
+            return shape
+        if self.kwargs.get("cifar_stem"):
+            return [1, 3, 32, 32]
         return [1, 3, 224, 224]
 
 
@@ -143,9 +149,24 @@ def _torchvision_factory(name: str) -> Callable[..., nn.Module]:
 
     def build(**kwargs: Any) -> nn.Module:
         kwargs.setdefault("weights", None)
-        return torchvision.models.get_model(name, **kwargs)
+        cifar_stem = bool(kwargs.pop("cifar_stem", False))
+        model = torchvision.models.get_model(name, **kwargs)
+        if cifar_stem:
+            apply_cifar_stem(model, name)
+        return model
 
     return build
+
+
+def apply_cifar_stem(model: nn.Module, name: str = "model") -> nn.Module:
+    """Replace a ResNet's ImageNet stem (7×7 stride-2 conv + max-pool) with a 3×3 stride-1 conv and
+    no pooling, the usual choice for 32×32 inputs (CIFAR): feature maps stay 32×32 in layer1."""
+    conv1 = getattr(model, "conv1", None)
+    if not isinstance(conv1, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise ModelSpecError(f"cifar_stem=true applies to ResNet-style models (conv1 + maxpool); {name} has none")
+    model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
 
 
 def _import_factory(arch: str) -> Callable[..., nn.Module]:

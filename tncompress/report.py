@@ -26,6 +26,8 @@ class ReportOptions:
     latency: bool = False
     latency_batch: int = 1
     device: str = "cpu"
+    data: Any = None            # a tncompress.finetune.DataOptions: evaluate accuracy on its test split
+    eval_batch_size: int = 256
 
 
 def _layer_rows(loaded: LoadedModel, per_module: dict[str, int]) -> list[dict[str, Any]]:
@@ -70,6 +72,14 @@ def measure_model(loaded: LoadedModel, options: ReportOptions) -> dict[str, Any]
     meta = loaded.header.get("metadata") or {}
     if meta:
         entry["metadata"] = meta
+    if options.data is not None:
+        from tncompress.finetune import test_loader
+        from tncompress.train import evaluate
+
+        loader = test_loader(loaded, options.data, options.eval_batch_size, torch.device(options.device))
+        metrics = evaluate(model, loader, torch.device(options.device))
+        entry["accuracy"] = {"dataset": options.data.name, "top1": metrics["top1"], "top5": metrics["top5"],
+                             "images": metrics["images"]}
     if options.latency:
         batch = calibration_batch(options.input_shape, options.latency_batch, 0, dtype=dtype, device=options.device)
         entry["latency"] = measure_latency(model, batch)
@@ -92,6 +102,9 @@ def build_report(models: Sequence[LoadedModel], options: ReportOptions) -> dict[
         e["macs_reduction_pct"] = 100.0 * (1 - e["macs"] / base["macs"]) if base["macs"] else None
         if "latency" in e and "latency" in base:
             e["speedup"] = _ratio(base["latency"]["median_ms"], e["latency"]["median_ms"])
+        if "accuracy" in e and "accuracy" in base:
+            e["top1_drop"] = base["accuracy"]["top1"] - e["accuracy"]["top1"]
+            e["top5_drop"] = base["accuracy"]["top5"] - e["accuracy"]["top5"]
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "tncompress_version": __version__,
@@ -129,10 +142,18 @@ def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     has_latency = any("latency" in m for m in report["models"])
     if has_latency:
         headers += ["latency", "speed-up"]
+    has_accuracy = any("accuracy" in m for m in report["models"])
+    if has_accuracy:
+        headers += ["top-1", "top-5", "Δ top-1"]
     rows = []
     for m in report["models"]:
         row = [m["path"], f"{m['params']:,}", human(m["bytes_on_disk"], "B"), human(m["macs"]),
                _fmt_ratio(m["params_ratio"]), _fmt_ratio(m["macs_ratio"]), _fmt_ratio(m["bytes_ratio"])]
+        if has_accuracy:
+            acc = m.get("accuracy")
+            drop = m.get("top1_drop")
+            row += [f"{acc['top1']:.2f}%" if acc else "–", f"{acc['top5']:.2f}%" if acc else "–",
+                    "–" if drop is None else f"{-drop:+.2f}"]
         if has_latency:
             lat = m.get("latency")
             row += [f"{lat['median_ms']:.2f} ms" if lat else "–", _fmt_ratio(m.get("speedup"))]
@@ -169,6 +190,10 @@ def to_markdown(report: dict[str, Any], layers: bool = True) -> str:
              f"torch {report['torch_version']}, {report['machine']['device']}, "
              f"{report['machine']['threads']} threads. Ratios are baseline / model (the first row is the baseline).", ""]
     lines += table(*summary_rows(report))
+    accuracy = next((m["accuracy"] for m in report["models"] if "accuracy" in m), None)
+    if accuracy:
+        lines += ["", f"Accuracy on the {accuracy['dataset']} test split ({accuracy['images']:,} images); "
+                      "Δ top-1 is in percentage points against the baseline."]
     lines += ["", f"_{report['mac_rule']}._"]
     if layers:
         for m in report["models"][1:] if len(report["models"]) > 1 else report["models"]:

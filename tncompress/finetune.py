@@ -1,0 +1,147 @@
+"""Train or fine-tune a loaded model on a named dataset and save the result as a tncompress
+checkpoint (same plan and structure, plus training metadata). Glue between checkpoint, data and
+train; the CLI only renders its events."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tncompress.checkpoint import LoadedModel, check_output_path, save_compressed
+from tncompress.errors import TncompressError
+from tncompress.models import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataOptions:
+    """How to read the dataset for a model."""
+
+    name: str
+    data_dir: str | None = None
+    image_size: int | None = None     # None: from the model's recorded input shape, else native
+    channels: int | None = None       # None: from the model's recorded input shape, else native
+    augment: bool = False
+    limit_train: int | None = None
+    limit_test: int | None = None
+    num_workers: int = 0
+    download: bool = True
+
+
+def input_geometry(loaded: LoadedModel, options: DataOptions) -> tuple[int | None, int | None]:
+    """(channels, image size) to feed the model: explicit options first, else the input shape
+    recorded with the model (or a reference net's own), else the channels of the first conv and
+    the dataset's native size (None)."""
+    from tncompress.models import BUILTIN_MODELS
+
+    channels, size = options.channels, options.image_size
+    spec = loaded.spec
+    shape = None
+    if spec is not None:
+        if spec.input_shape:
+            shape = spec.input_shape
+        elif spec.arch in BUILTIN_MODELS or spec.kwargs.get("cifar_stem"):
+            shape = spec.default_input_shape()
+    if shape is not None and len(shape) == 4:
+        channels = channels or int(shape[1])
+        if size is None and shape[2] == shape[3]:
+            size = int(shape[2])
+    if channels is None:
+        first_conv = next((m for m in loaded.model.modules() if isinstance(m, nn.Conv2d)), None)
+        channels = first_conv.in_channels if first_conv is not None else None
+    return channels, size
+
+
+def test_loader(loaded: LoadedModel, options: DataOptions, batch_size: int, device: torch.device | None = None):
+    """The evaluation loader of ``options.name`` shaped for ``loaded``'s model."""
+    from tncompress.data import load_dataset, make_loader
+
+    channels, size = input_geometry(loaded, options)
+    test_set = load_dataset(options.name, "test", data_dir=options.data_dir, image_size=size, channels=channels,
+                            download=options.download, limit=options.limit_test)
+    return make_loader(test_set, batch_size, shuffle=False, num_workers=options.num_workers, device=device)
+
+
+def check_classes(model: nn.Module, loaded: LoadedModel, dataset: str, example: torch.Tensor) -> None:
+    """Refuse a model whose output width does not match the dataset's class count."""
+    from tncompress.data import DATASETS
+
+    n = DATASETS[dataset].num_classes
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(example[:1].to(next(model.parameters()).device))
+    model.train(was)
+    if out.ndim != 2 or out.shape[1] != n:
+        raise TncompressError(f"{loaded.path}: the model outputs shape {list(out.shape)} but {dataset} has {n} "
+                              f"classes (build it with --arch-arg num_classes={n})")
+
+
+def train_and_save(loaded: LoadedModel, output: str | Path, data: DataOptions, config: Any, *,
+                   teacher: nn.Module | None = None, resume: bool = False,
+                   on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                   extra_metadata: dict[str, Any] | None = None) -> Any:
+    """Train ``loaded.model`` on ``data`` with ``config`` (a :class:`tncompress.train.TrainConfig`),
+    keep a resume state beside ``output`` (``<output>.state.pt``) and write ``output`` as a
+    tncompress checkpoint after every epoch (atomically), the last one holding the final weights."""
+    from tncompress.data import DATASETS, load_dataset, make_loader
+    from tncompress.train import resolve_device, train
+
+    output = Path(output)
+    check_output_path(output)
+    if loaded.path and output.resolve() == Path(loaded.path).resolve():
+        raise TncompressError(f"--output {output} is the input file; write to a new file")
+    device = resolve_device(config.device)
+    channels, size = input_geometry(loaded, data)
+    train_set = load_dataset(data.name, "train", data_dir=data.data_dir, image_size=size, channels=channels,
+                             augment=data.augment, download=data.download, limit=data.limit_train)
+    test_set = load_dataset(data.name, "test", data_dir=data.data_dir, image_size=size, channels=channels,
+                            download=data.download, limit=data.limit_test)
+    example = train_set[0][0].unsqueeze(0)
+    check_classes(loaded.model, loaded, data.name, example)
+    if teacher is not None:
+        check_classes(teacher, loaded, data.name, example)
+
+    def loader_for(epoch: int):
+        return make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
+                           num_workers=data.num_workers, device=device)
+
+    evaluation = make_loader(test_set, max(256, config.batch_size), shuffle=False, num_workers=data.num_workers,
+                             device=device)
+    spec = loaded.spec
+    if spec is not None:
+        spec = ModelSpec(spec.arch, spec.kwargs, spec.imports, [1, *example.shape[1:]])
+    header = loaded.header or {}
+    info = DATASETS[data.name]
+    training_meta: dict[str, Any] = {"dataset": data.name, "synthetic": bool(getattr(info, "synthetic", False)),
+                                     "train_images": len(train_set), "test_images": len(test_set),
+                                     "input_shape": [1, *example.shape[1:]], "augment": data.augment,
+                                     "teacher": (extra_metadata or {}).get("teacher")}
+
+    def save(model: nn.Module, result_meta: dict[str, Any]) -> None:
+        metadata = dict(header.get("metadata") or {})
+        metadata.update(extra_metadata or {})
+        history = list(metadata.get("training_runs") or [])
+        metadata["training"] = {**training_meta, **result_meta}
+        metadata["training_runs"] = history + [metadata["training"]] if result_meta.get("final") else history
+        save_compressed(output, model, spec=spec, layers=loaded.layers, plan=header.get("plan"),
+                        recipe=header.get("recipe"), metadata=metadata)
+
+    def events(event: str, payload: dict[str, Any]) -> None:
+        if event == "epoch_end":
+            save(loaded.model, {"epochs_done": payload.get("epoch"), "final": False, "last": payload})
+        if on_event:
+            on_event(event, payload)
+
+    state_path = output.with_name(output.name + ".state.pt")
+    result = train(loaded.model, loader_for, evaluation, config, teacher=teacher, state_path=state_path,
+                   resume=resume, on_event=events)
+    save(loaded.model, {**result.to_metadata(), "final": True})
+    log.info("wrote %s", output)
+    return result
