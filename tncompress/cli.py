@@ -105,6 +105,8 @@ TrustOpt = typer.Option(False, "--trust-pickle", help="Allow loading a whole pic
 InputShapeOpt = typer.Option(None, "--input-shape", help="Input shape with batch dimension, e.g. 1,3,32,32 "
                              "(default: recorded in the checkpoint, or the architecture's usual input).")
 RecipeOpt = typer.Option(..., "--recipe", "-r", help="YAML recipe (see configs/ and docs/recipes.md).")
+DatasetOpt = typer.Option(..., "--dataset", "-d", help="mnist, fashion-mnist, cifar10, tiny-imagenet or synthetic.")
+DataDirOpt = typer.Option(None, "--data-dir", help="Dataset root (default: $TNCOMPRESS_DATA, else ~/.cache/tncompress/data).")
 SetOpt = typer.Option(None, "--set", help="Override a recipe value: key.path=value, e.g. defaults.Linear.rank=4 "
                       "or layers.0.rank=0.3 (repeatable).")
 
@@ -361,8 +363,6 @@ def report(
 
 # --- training ------------------------------------------------------------------------------------
 
-DatasetOpt = typer.Option(..., "--dataset", "-d", help="mnist, fashion-mnist, cifar10, tiny-imagenet or synthetic.")
-DataDirOpt = typer.Option(None, "--data-dir", help="Dataset root (default: $TNCOMPRESS_DATA, else ~/.cache/tncompress/data).")
 
 
 def _train_options(epochs: int, batch_size: int, optimizer: str, lr: float, weight_decay: float, momentum: float,
