@@ -391,7 +391,7 @@ def _run_training(loaded, output: Path, data, config, teacher, resume: bool, ext
     def on_event(event: str, payload: dict[str, Any]) -> None:
         if event == "epoch_start":
             task_ids["epoch"] = progress.add_task(f"epoch {payload['epoch']}/{config.epochs}",
-                                                  total=payload.get("steps"), stats="")
+                                                  total=payload.get("steps_per_epoch"), stats="")
         elif event == "batch" and "epoch" in task_ids:
             stats = (f"loss {payload.get('loss', float('nan')):.4f}  acc {payload.get('top1', float('nan')):.2f}%  "
                      f"{payload.get('images_per_second', 0):,.0f} img/s")

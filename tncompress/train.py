@@ -1,0 +1,749 @@
+"""Fine-tune (or train) a model: the loop behind ``tncompress finetune``, as a plain library call.
+
+One call, :func:`train`, runs SGD or AdamW with a per-step linear warm-up and cosine (or constant)
+schedule, optional mixed precision on CUDA, optional knowledge distillation from a teacher, an
+evaluation after every epoch, and an atomic resume state written at each epoch end. Nothing is
+printed: progress goes to an ``on_event(event, payload)`` callback that the CLI renders.
+
+Determinism: every RNG (torch, CUDA, ``random``, numpy) is re-seeded at the start of each epoch from
+``(seed, epoch)``, so an epoch's randomness (shuffling, dropout, augmentation) never depends on what
+happened before it. A run killed during epoch k and resumed from the state of epoch k-1 therefore
+ends, on the CPU, with exactly the weights and metrics of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import random
+import re
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tncompress._version import __version__
+from tncompress.checkpoint import atomic_save, check_output_path, load_state_dict_into
+from tncompress.errors import CheckpointError, TncompressError
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "tncompress-train-state"
+STATE_FORMAT_VERSION = 1
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "constant")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+# Settings that shape the training trajectory: a resume must use the same values (epochs may grow).
+_RESUME_FIXED = ("batch_size", "optimizer", "lr", "momentum", "weight_decay", "nesterov", "warmup_epochs",
+                 "schedule", "min_lr_ratio", "label_smoothing", "seed", "kd_temperature", "kd_weight",
+                 "grad_clip")
+
+Event = Callable[[str, dict[str, Any]], None]
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (validated on construction; errors are one line naming the flag).
+
+    ``warmup_epochs`` may be fractional: the warm-up is linear per optimizer step over
+    ``round(warmup_epochs * steps_per_epoch)`` steps. ``kd_weight`` is the distillation weight alpha
+    (0 disables distillation). ``amp``: ``auto`` = bf16 on a CUDA GPU that supports it, else fp16 with
+    a GradScaler; off on the CPU (``bf16`` on the CPU is allowed when asked for explicitly).
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    warmup_epochs: float = 0.0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    label_smoothing: float = 0.0
+    amp: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    kd_temperature: float = 4.0
+    kd_weight: float = 0.0
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        self.optimizer = str(self.optimizer).lower()
+        self.schedule = str(self.schedule).lower()
+        self.amp = str(self.amp).lower()
+        self.device = str(self.device).lower()
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`TncompressError` with one line for the first bad value."""
+        def number(name: str, *, integer: bool = False) -> float:
+            value = getattr(self, name)
+            ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+            if isinstance(value, bool) or not ok or not math.isfinite(value):
+                kind = "a whole number" if integer else "a number"
+                raise TncompressError(f"{_flag(name)} must be {kind} (got {value!r})")
+            return value
+
+        def check(condition: bool, message: str) -> None:
+            if not condition:
+                raise TncompressError(message)
+
+        check(number("epochs", integer=True) >= 1, f"--epochs must be ≥ 1 (got {self.epochs})")
+        check(number("batch_size", integer=True) >= 1, f"--batch-size must be ≥ 1 (got {self.batch_size})")
+        check(self.optimizer in OPTIMIZERS,
+              f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
+        check(number("lr") > 0, f"--lr must be > 0 (got {self.lr})")
+        check(0 <= number("momentum") < 1, f"--momentum must be in [0, 1) (got {self.momentum})")
+        check(number("weight_decay") >= 0, f"--weight-decay must be ≥ 0 (got {self.weight_decay})")
+        check(isinstance(self.nesterov, bool), f"--nesterov must be true or false (got {self.nesterov!r})")
+        if self.nesterov:
+            check(self.optimizer == "sgd", "--nesterov applies to --optimizer sgd only")
+            check(self.momentum > 0, "--nesterov needs --momentum > 0")
+        check(number("warmup_epochs") >= 0, f"--warmup-epochs must be ≥ 0 (got {self.warmup_epochs})")
+        check(self.warmup_epochs <= self.epochs,
+              f"--warmup-epochs ({self.warmup_epochs}) must not exceed --epochs ({self.epochs})")
+        check(self.schedule in SCHEDULES,
+              f"--schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
+        check(0 <= number("min_lr_ratio") <= 1, f"--min-lr-ratio must be in [0, 1] (got {self.min_lr_ratio})")
+        check(0 <= number("label_smoothing") < 1,
+              f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})")
+        check(self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)} (got {self.amp!r})")
+        check(bool(_DEVICE_RE.match(self.device)),
+              f"--device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
+        check(number("seed", integer=True) >= 0, f"--seed must be ≥ 0 (got {self.seed})")
+        check(number("kd_temperature") > 0, f"--kd-temperature must be > 0 (got {self.kd_temperature})")
+        check(0 <= number("kd_weight") <= 1, f"--kd-weight must be in [0, 1] (got {self.kd_weight})")
+        if self.grad_clip is not None:
+            check(number("grad_clip") > 0, f"--grad-clip must be > 0 (got {self.grad_clip})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (stored in the resume state and in checkpoint metadata)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys (from a newer tncompress) are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# --------------------------------------------------------------------------------------------------
+# device, precision, seeding
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` → the first CUDA GPU if there is one, else the CPU; ``cuda``/``cuda:N`` must exist."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    text = str(name).strip().lower()
+    if not _DEVICE_RE.match(text):
+        raise TncompressError(f"--device must be auto, cpu, cuda or cuda:N (got {name!r})")
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU was found"
+        raise TncompressError(f"--device {text}: CUDA is not available ({why}); use --device cpu")
+    device = torch.device(text)
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise TncompressError(f"--device {text}: there {'is' if count == 1 else 'are'} only {count} CUDA "
+                              f"GPU{'' if count == 1 else 's'} (cuda:0…cuda:{count - 1})")
+    return device
+
+
+def resolve_amp(amp: str, device: torch.device, model_dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.dtype | None, bool, str]:
+    """Mixed-precision choice → ``(autocast dtype or None, use GradScaler, name)``.
+
+    ``auto``: bf16 on a CUDA GPU that supports it, fp16 + GradScaler on older GPUs, off on the CPU
+    and for models that are not float32 (their dtype is kept as the user chose it).
+    """
+    amp = str(amp).lower()
+    if amp not in AMP_MODES:
+        raise TncompressError(f"--amp must be one of {', '.join(AMP_MODES)} (got {amp!r})")
+    cuda = device.type == "cuda"
+    if amp == "off" or (amp == "auto" and (not cuda or model_dtype != torch.float32)):
+        return None, False, "off"
+    if amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "bf16":
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise TncompressError("--amp bf16: this GPU does not support bfloat16; use --amp fp16 or off")
+        return torch.bfloat16, False, "bf16"
+    if not cuda:
+        raise TncompressError("--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16 or off")
+    return torch.float16, True, "fp16"
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed derived from ``(seed, epoch)`` (stable across runs, platforms and versions)."""
+    digest = hashlib.blake2b(f"tncompress:{seed}:{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and every CUDA device), Python's ``random`` and numpy's global RNG."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def _rng_state(cuda: bool) -> dict[str, Any]:
+    """All global RNG states as tensors and plain numbers (loadable with ``weights_only=True``)."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                   "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
+    if cuda and torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------
+# losses, schedule, optimizer
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, averaged over the batch, in float32.
+
+    The T² factor keeps the gradient scale comparable to cross-entropy (Hinton et al. 2015).
+    """
+    t = float(temperature)
+    log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (t * t)
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
+              min_lr_ratio: float = 0.0) -> float:
+    """Multiplier of the base learning rate for optimizer step ``step`` (0-based).
+
+    Warm-up: ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps (so the first step is
+    not wasted at lr 0). Then ``constant`` → 1, or ``cosine`` → ``m + (1 − m)·½(1 + cos(π·p))`` with
+    ``p = (step − warmup_steps) / (total_steps − warmup_steps)`` and ``m = min_lr_ratio``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_steps_for(config: TrainConfig, steps_per_epoch: int) -> int:
+    """Warm-up length in optimizer steps: ``round(warmup_epochs · steps_per_epoch)``, at least 1 if asked."""
+    if config.warmup_epochs <= 0:
+        return 0
+    total = config.epochs * steps_per_epoch
+    return min(total, max(1, round(config.warmup_epochs * steps_per_epoch)))
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    total = config.epochs * steps_per_epoch
+    warmup = warmup_steps_for(config, steps_per_epoch)
+
+    def factor(step: int) -> float:  # a plain function: LambdaLR then keeps it out of its state_dict
+        return lr_factor(step, total_steps=total, warmup_steps=warmup, schedule=config.schedule,
+                         min_lr_ratio=config.min_lr_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters split into ``decay`` (matrices, conv kernels, TT cores…) and ``no_decay``
+    (1-D and scalar parameters: biases, norm scales and shifts, trainable scalars); empty groups are
+    dropped."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim > 1 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov) or AdamW, with no weight decay on 1-D parameters."""
+    groups = parameter_groups(model, config.weight_decay)
+    if not groups:
+        raise TncompressError("the model has no trainable parameters (all have requires_grad=False)")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _to(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batch(item: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(item, (list, tuple)) and len(item) >= 2:
+        return item[0], item[1]
+    raise TncompressError(f"data loaders must yield (inputs, labels) pairs, got {type(item).__name__}")
+
+
+def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str | None = None, *,
+             amp: str = "off") -> dict[str, Any]:
+    """Top-1 / top-5 accuracy (percent), mean cross-entropy and throughput of ``model`` on ``loader``.
+
+    Runs without gradients in eval mode and restores every module's previous training flag. Top-5 is
+    top-min(5, C) for a C-class model (100 % when C ≤ 5); ``num_classes`` is returned so callers can
+    hide it. Returns ``top1, top5, loss, images, seconds, images_per_second, num_classes``.
+    """
+    device = _model_device(model) if device is None else (
+        device if isinstance(device, torch.device) else resolve_device(device))
+    dtype = _model_dtype(model)
+    amp_dtype, _, _ = resolve_amp(amp, device, dtype)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    correct1 = torch.zeros((), dtype=torch.int64, device=device)
+    correct5 = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    images, num_classes = 0, 0
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            for item in loader:
+                x, y = _batch(item)
+                x, y = _to(x, device, dtype), y.to(device, non_blocking=True)
+                with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
+                                    enabled=amp_dtype is not None):
+                    logits = model(x)
+                logits = logits.float()
+                num_classes = logits.shape[1]
+                k = min(5, num_classes)
+                top = logits.topk(k, dim=1).indices
+                hits = top.eq(y.view(-1, 1))
+                correct1 += hits[:, 0].sum()
+                correct5 += hits.any(dim=1).sum()
+                loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+                images += y.shape[0]
+        _sync(device)
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    seconds = time.perf_counter() - start
+    if images == 0:
+        raise TncompressError("the evaluation data is empty")
+    return {
+        "top1": 100.0 * correct1.item() / images,
+        "top5": 100.0 * correct5.item() / images,
+        "loss": loss_sum.item() / images,
+        "images": images,
+        "seconds": seconds,
+        "images_per_second": images / seconds if seconds > 0 else float("inf"),
+        "num_classes": int(num_classes),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# resume state
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Read a resume state written by :func:`train` (``weights_only=True``), with one-line errors."""
+    path = Path(path)
+    if not path.exists():
+        raise TncompressError(f"cannot resume: {path} does not exist (no epoch of that run was completed)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, truncated, or not a torch file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TncompressError(f"cannot resume: {path} is not a readable training state ({first})") from exc
+    if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+        raise TncompressError(f"cannot resume: {path} is not a tncompress training state")
+    if not isinstance(state.get("format_version"), int) or state["format_version"] > STATE_FORMAT_VERSION:
+        raise TncompressError(f"cannot resume: {path} was written by a newer tncompress "
+                              f"(state format {state.get('format_version')!r}); upgrade tncompress")
+    return dict(state)
+
+
+def _check_resumable(saved: Mapping[str, Any], config: TrainConfig, path: Path) -> None:
+    old = TrainConfig.from_dict(saved["config"])
+    diffs = [f"{_flag(k)} {getattr(old, k)!r} → {getattr(config, k)!r}"
+             for k in _RESUME_FIXED if getattr(old, k) != getattr(config, k)]
+    if diffs:
+        raise TncompressError(f"cannot resume {path}: settings differ from the saved run ({'; '.join(diffs)}); "
+                              "use the same settings (only --epochs may grow)")
+    if config.epochs < old.epochs:
+        raise TncompressError(f"cannot resume {path}: it was started with --epochs {old.epochs}; "
+                              f"--epochs {config.epochs} may not be smaller")
+
+
+# --------------------------------------------------------------------------------------------------
+# result
+
+
+@dataclass
+class TrainResult:
+    """What a run did: per-epoch history, best and final test metrics, device, precision, time."""
+
+    history: list[dict[str, Any]]
+    best_top1: float
+    best_epoch: int
+    final: dict[str, Any]
+    device: str
+    amp: str
+    seconds: float
+    epochs: int
+    start_epoch: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, Any]:
+        """Plain dict (weights_only-safe) for a checkpoint's ``metadata``."""
+        return {
+            "epochs": int(self.epochs),
+            "best_top1": float(self.best_top1),
+            "best_epoch": int(self.best_epoch),
+            "final": {k: _plain_number(v) for k, v in self.final.items()},
+            "history": [{k: _plain_number(v) for k, v in entry.items()} for entry in self.history],
+            "device": str(self.device),
+            "amp": str(self.amp),
+            "seconds": float(self.seconds),
+            "resumed_from_epoch": int(self.start_epoch),
+            "config": dict(self.config),
+        }
+
+
+def _plain_number(value: Any) -> Any:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _steps_in(loader: Any) -> int:
+    try:
+        steps = len(loader)
+    except TypeError:
+        raise TncompressError("the training data loader must have a length (len(loader)) so the learning-rate "
+                              "schedule can be laid out") from None
+    if steps <= 0:
+        raise TncompressError("the training data is empty")
+    return int(steps)
+
+
+def _non_finite(epoch: int, step: int, steps: int, lr: float, value: float, config: TrainConfig) -> TncompressError:
+    kind = "NaN" if math.isnan(value) else "infinite"
+    hint = f"try a lower --lr (now {config.lr:g})" + ("" if config.grad_clip else " or --grad-clip 1.0")
+    return TncompressError(f"the training loss became {kind} at epoch {epoch}, step {step}/{steps} "
+                           f"(lr {lr:.3g}); stopped — {hint}")
+
+
+def train(model: nn.Module, train_loader_factory: Callable[[int], Iterable[Any]], test_loader: Iterable[Any],
+          config: TrainConfig, *, teacher: nn.Module | None = None, state_path: str | Path | None = None,
+          resume: bool = False, on_event: Event | None = None, report_every: int = 20) -> TrainResult:
+    """Train ``model`` in place for ``config.epochs`` epochs and return what happened.
+
+    ``train_loader_factory(epoch)`` (epoch numbers start at 1) is called after the RNGs are seeded
+    for that epoch and returns its ``(inputs, labels)`` batches; ``test_loader`` is iterated after
+    every epoch. With ``state_path`` a resume state is written atomically at each epoch end;
+    ``resume=True`` continues from it. Events: ``start``, ``epoch_start``, ``batch`` (every
+    ``report_every`` steps and at the last step), ``eval_start``, ``epoch_end``. The model (and
+    teacher) are moved to the device, keep their dtype, and the model stays there, in eval mode, with
+    the last epoch's weights (not the best epoch's). A KeyboardInterrupt stops at once (re-raised) and
+    leaves the last completed epoch's state untouched. All global RNGs are re-seeded per epoch.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError("config must be a TrainConfig")
+    config.validate()
+    if report_every < 1:
+        raise TncompressError(f"report_every must be ≥ 1 (got {report_every})")
+    use_kd = config.kd_weight > 0
+    if use_kd and teacher is None:
+        raise TncompressError("--kd-weight > 0 needs a teacher model (--teacher)")
+    if teacher is not None and not use_kd:
+        log.info("a teacher was given but --kd-weight is 0: distillation is off")
+        teacher = None
+    state_path = Path(state_path) if state_path is not None else None
+    if resume and state_path is None:
+        raise TncompressError("cannot resume: no training-state file was given")
+    if state_path is not None:
+        check_output_path(state_path)  # fail now, not after the first epoch
+    saved = load_state(state_path) if resume else None  # type: ignore[arg-type]
+    if saved is not None:
+        _check_resumable(saved, config, state_path)  # type: ignore[arg-type]
+
+    device = resolve_device(config.device)
+    dtype = _model_dtype(model)
+    amp_dtype, use_scaler, amp_name = resolve_amp(config.amp, device, dtype)
+    model.to(device)
+    teacher_modes: dict[nn.Module, bool] = {}
+    teacher_dtype = dtype
+    if teacher is not None:
+        teacher.to(device)
+        teacher_modes = {m: m.training for m in teacher.modules()}
+        teacher.eval()
+        teacher_dtype = _model_dtype(teacher)
+    optimizer = make_optimizer(model, config)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    history: list[dict[str, Any]] = []
+    best_top1, best_epoch = -1.0, 0
+    final: dict[str, Any] = {}
+    prior_seconds = 0.0
+    start_epoch = 0
+    if saved is not None:
+        load_state_dict_into(model, saved["model"], str(state_path))
+        try:
+            optimizer.load_state_dict(saved["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"cannot resume {state_path}: its optimizer state does not fit this model "
+                                  f"({exc})") from exc
+        if use_scaler and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        history = [dict(h) for h in saved["history"]]
+        best_top1, best_epoch = float(saved["best"]["top1"]), int(saved["best"]["epoch"])
+        final = dict(saved.get("final") or {})
+        prior_seconds = float(saved.get("seconds", 0.0))
+        start_epoch = int(saved["epoch"])
+        _set_rng_state(saved["rng"])
+        if saved.get("device") != str(device) or saved.get("amp") != amp_name:
+            log.warning("resuming on %s with amp %s; the saved run used %s with amp %s — results may differ "
+                        "slightly from an uninterrupted run", device, amp_name, saved.get("device"), saved.get("amp"))
+        log.info("resuming %s after epoch %d of %d", state_path, start_epoch, config.epochs)
+    elif state_path is not None and state_path.exists():
+        log.warning("%s exists and will be overwritten (pass resume=True to continue it)", state_path)
+
+    def emit(event: str, payload: dict[str, Any]) -> None:
+        if on_event is not None:
+            on_event(event, payload)
+
+    def result(seconds: float) -> TrainResult:
+        return TrainResult(history=history, best_top1=max(best_top1, 0.0), best_epoch=best_epoch, final=final,
+                           device=str(device), amp=amp_name, seconds=seconds, epochs=len(history),
+                           start_epoch=start_epoch, config=config.to_dict())
+
+    if start_epoch >= config.epochs:
+        log.info("%s already holds %d completed epochs: nothing to train", state_path, start_epoch)
+        model.eval()
+        return result(prior_seconds)
+
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+    steps_per_epoch = 0
+    check_every = 1 if device.type == "cpu" else report_every  # a sync per step is free on the CPU only
+    autocast_dtype = amp_dtype or torch.float32
+    session_start = time.perf_counter()
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            epoch_start = time.perf_counter()
+            seed_everything(epoch_seed(config.seed, epoch))
+            loader = train_loader_factory(epoch)
+            steps = _steps_in(loader)
+            if scheduler is None:
+                steps_per_epoch = steps
+                if saved is not None and int(saved["steps_per_epoch"]) != steps:
+                    raise TncompressError(f"cannot resume {state_path}: the training data now has {steps} batches "
+                                          f"per epoch, the saved run had {saved['steps_per_epoch']}; use the same "
+                                          "data and --batch-size")
+                scheduler = _make_scheduler(optimizer, config, steps_per_epoch)
+                if saved is not None:
+                    scheduler.load_state_dict(saved["scheduler"])
+                    # Recompute the current lr with this run's schedule (it differs if --epochs grew).
+                    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                        group["lr"] = base * fn(scheduler.last_epoch)
+                emit("start", {"epochs": config.epochs, "start_epoch": start_epoch, "steps_per_epoch": steps,
+                               "device": str(device), "amp": amp_name, "resumed": saved is not None,
+                               "distillation": use_kd})
+            elif steps != steps_per_epoch:
+                raise TncompressError(f"epoch {epoch} has {steps} batches but earlier epochs had {steps_per_epoch}; "
+                                      "the training data must keep its size")
+
+            emit("epoch_start", {"epoch": epoch, "epochs": config.epochs, "steps_per_epoch": steps,
+                                 "lr": optimizer.param_groups[0]["lr"]})
+            model.train()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+            bad_value = torch.zeros((), dtype=torch.float32, device=device)
+            images = 0
+            step = 0
+            lr = optimizer.param_groups[0]["lr"]
+            for step, item in enumerate(loader, start=1):
+                if step > steps:
+                    raise TncompressError(f"the training loader yielded more than its length ({steps}) batches")
+                x, y = _batch(item)
+                x, y = _to(x, device, dtype), y.to(device, non_blocking=True)
+                lr = optimizer.param_groups[0]["lr"]
+                with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=amp_dtype is not None):
+                    logits = model(x)
+                    loss = torch.zeros((), device=device)
+                    if config.kd_weight < 1:
+                        loss = (1 - config.kd_weight) * F.cross_entropy(
+                            logits.float(), y, label_smoothing=config.label_smoothing)
+                    if use_kd:
+                        with torch.no_grad():
+                            teacher_logits = teacher(_to(x, device, teacher_dtype))  # type: ignore[misc]
+                        loss = loss + config.kd_weight * distillation_loss(logits, teacher_logits,
+                                                                           config.kd_temperature)
+                detached = loss.detach()
+                bad = ~torch.isfinite(detached)
+                first = bad & (first_bad < 0)  # device-side bookkeeping: no host sync per step on CUDA
+                bad_value = torch.where(first, detached.float(), bad_value)
+                first_bad = torch.where(first, first_bad.new_full((), step), first_bad)
+                if step % check_every == 0 or step == steps:
+                    if first_bad.item() >= 0:
+                        raise _non_finite(epoch, int(first_bad.item()), steps, lr, bad_value.item(), config)
+
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                if use_scaler:  # a skipped fp16 step makes LambdaLR warn; the schedule stays per batch
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                        scheduler.step()
+                else:
+                    scheduler.step()
+
+                batch = y.shape[0]
+                images += batch
+                loss_sum += detached.double() * batch
+                correct += (logits.detach().argmax(dim=1) == y).sum()
+                if on_event is not None and (step % report_every == 0 or step == steps):
+                    elapsed = time.perf_counter() - epoch_start
+                    emit("batch", {"epoch": epoch, "epochs": config.epochs, "step": step,
+                                   "steps_per_epoch": steps, "global_step": (epoch - 1) * steps + step,
+                                   "loss": loss_sum.item() / images, "top1": 100.0 * correct.item() / images,
+                                   "images": images, "images_per_second": images / elapsed if elapsed > 0 else 0.0,
+                                   "lr": lr})
+            if step != steps:
+                raise TncompressError(f"the training loader yielded {step} batches but its length is {steps}")
+            _sync(device)
+            train_seconds = time.perf_counter() - epoch_start
+
+            emit("eval_start", {"epoch": epoch, "epochs": config.epochs})
+            metrics = evaluate(model, test_loader, device, amp=amp_name)
+            improved = metrics["top1"] > best_top1
+            if improved:
+                best_top1, best_epoch = metrics["top1"], epoch
+            entry = {
+                "epoch": epoch,
+                "train_loss": loss_sum.item() / images,
+                "train_top1": 100.0 * correct.item() / images,
+                "test_top1": metrics["top1"],
+                "test_top5": metrics["top5"],
+                "test_loss": metrics["loss"],
+                "lr": lr,
+                "seconds": time.perf_counter() - epoch_start,
+                "images_per_second": images / train_seconds if train_seconds > 0 else 0.0,
+                "eval_seconds": metrics["seconds"],
+            }
+            history.append(entry)
+            final = metrics
+            total_seconds = prior_seconds + time.perf_counter() - session_start
+            if state_path is not None:
+                atomic_save(_state(model, optimizer, scheduler, scaler, config, epoch, steps_per_epoch, history,
+                                   best_top1, best_epoch, final, device, amp_name, total_seconds), state_path)
+            emit("epoch_end", {**entry, "epochs": config.epochs, "best_top1": best_top1,
+                               "best_epoch": best_epoch, "improved": improved, "test_images": metrics["images"]})
+    except KeyboardInterrupt:
+        log.info("interrupted during epoch %d; %s", epoch,
+                 f"{state_path} holds epoch {len(history)}" if state_path and history else "nothing was saved")
+        raise
+    finally:
+        for module, mode in teacher_modes.items():
+            module.training = mode
+    model.eval()
+    return result(prior_seconds + time.perf_counter() - session_start)
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+           config: TrainConfig, epoch: int, steps_per_epoch: int, history: list[dict[str, Any]], best_top1: float,
+           best_epoch: int, final: dict[str, Any], device: torch.device, amp: str, seconds: float) -> dict[str, Any]:
+    """Everything needed to continue after ``epoch`` (weights_only-safe: tensors and plain values)."""
+    return {
+        "format": STATE_FORMAT,
+        "format_version": STATE_FORMAT_VERSION,
+        "tncompress_version": str(__version__),
+        "torch_version": str(torch.__version__),
+        "epoch": int(epoch),
+        "steps_per_epoch": int(steps_per_epoch),
+        "config": config.to_dict(),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "history": copy.deepcopy(history),
+        "best": {"top1": float(best_top1), "epoch": int(best_epoch)},
+        "final": {k: _plain_number(v) for k, v in final.items()},
+        "device": str(device),
+        "amp": amp,
+        "seconds": float(seconds),
+        "rng": _rng_state(device.type == "cuda"),
+    }
