@@ -360,7 +360,7 @@ def plan_layer(choice: LayerChoice, module: nn.Module, shapes: tuple[list[int], 
         raise RecipeError(f"{where}: key {sorted(extra)[0]!r} does not apply to method {method!r} "
                           f"(it takes {', '.join(sorted(METHOD_KEYS[method])) or 'no settings'})")
     if method == "none":
-        plan.reason = f"method none ({choice.decided_by})"
+        plan.reason = "method: none"
         return plan
     reason = _unsupported(module, method)
     if reason:

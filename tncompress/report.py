@@ -146,14 +146,14 @@ def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     if has_accuracy:
         headers += ["top-1", "top-5", "Δ top-1"]
     rows = []
-    for m in report["models"]:
+    for index, m in enumerate(report["models"]):
         row = [m["path"], f"{m['params']:,}", human(m["bytes_on_disk"], "B"), human(m["macs"]),
                _fmt_ratio(m["params_ratio"]), _fmt_ratio(m["macs_ratio"]), _fmt_ratio(m["bytes_ratio"])]
         if has_accuracy:
             acc = m.get("accuracy")
             drop = m.get("top1_drop")
             row += [f"{acc['top1']:.2f}%" if acc else "–", f"{acc['top5']:.2f}%" if acc else "–",
-                    "–" if drop is None else f"{-drop:+.2f}"]
+                    "baseline" if index == 0 else "–" if drop is None else f"{-drop:+.2f}"]
         if has_latency:
             lat = m.get("latency")
             row += [f"{lat['median_ms']:.2f} ms" if lat else "–", _fmt_ratio(m.get("speedup"))]
