@@ -365,6 +365,23 @@ def report(
 
 
 
+BatchSizeOpt = typer.Option(128, "--batch-size", min=1)
+OptimizerOpt = typer.Option("sgd", "--optimizer", help="sgd or adamw.")
+WeightDecayOpt = typer.Option(5e-4, "--weight-decay")
+MomentumOpt = typer.Option(0.9, "--momentum")
+ScheduleOpt = typer.Option("cosine", "--schedule", help="cosine or constant.")
+LabelSmoothingOpt = typer.Option(0.0, "--label-smoothing")
+AugmentOpt = typer.Option(False, "--augment/--no-augment", help="Standard light augmentation.")
+AmpOpt = typer.Option("auto", "--amp", help="auto (bf16/fp16 on CUDA, off on CPU), bf16, fp16 or off.")
+TrainDeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+SeedOpt = typer.Option(0, "--seed")
+WorkersOpt = typer.Option(0, "--workers", min=0, help="DataLoader worker processes.")
+LimitTrainOpt = typer.Option(None, "--limit-train", min=1, help="Use only the first N training images.")
+LimitTestOpt = typer.Option(None, "--limit-test", min=1, help="Use only the first N test images.")
+ResumeOpt = typer.Option(False, "--resume", help="Continue from OUTPUT.state.pt.")
+GradClipOpt = typer.Option(None, "--grad-clip")
+
+
 def _train_options(epochs: int, batch_size: int, optimizer: str, lr: float, weight_decay: float, momentum: float,
                    warmup: float, schedule: str, label_smoothing: float, amp: str, device: str, seed: int,
                    kd_weight: float, kd_temperature: float, grad_clip: float | None):
@@ -377,19 +394,17 @@ def _train_options(epochs: int, batch_size: int, optimizer: str, lr: float, weig
 
 
 def _run_training(loaded, output: Path, data, config, teacher, resume: bool, extra: dict[str, Any]) -> None:
-    from tncompress.data import dataset_summary
-    from tncompress.finetune import input_geometry, train_and_save
+    from tncompress.finetune import train_and_save
 
-    channels, size = input_geometry(loaded, data)
-    for split in ("train", "test"):
-        console.print(dataset_summary(data.name, split, data_dir=data.data_dir, image_size=size, channels=channels,
-                                      limit=data.limit_train if split == "train" else data.limit_test), highlight=False)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.fields[stats]}"), console=err_console, transient=True)
     task_ids: dict[str, Any] = {}
 
     def on_event(event: str, payload: dict[str, Any]) -> None:
-        if event == "epoch_start":
+        if event == "data":
+            console.print(payload["train"], highlight=False)
+            console.print(payload["test"], highlight=False)
+        elif event == "epoch_start":
             task_ids["epoch"] = progress.add_task(f"epoch {payload['epoch']}/{config.epochs}",
                                                   total=payload.get("steps_per_epoch"), stats="")
         elif event == "batch" and "epoch" in task_ids:
@@ -426,23 +441,23 @@ def train(
     output: Path = typer.Option(..., "--output", "-o", help="Checkpoint to write (a tncompress checkpoint)."),
     data_dir: str = DataDirOpt,
     epochs: int = typer.Option(10, "--epochs", min=1),
-    batch_size: int = typer.Option(128, "--batch-size", min=1),
-    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd or adamw."),
+    batch_size: int = BatchSizeOpt,
+    optimizer: str = OptimizerOpt,
     lr: float = typer.Option(0.05, "--lr"),
-    weight_decay: float = typer.Option(5e-4, "--weight-decay"),
-    momentum: float = typer.Option(0.9, "--momentum"),
+    weight_decay: float = WeightDecayOpt,
+    momentum: float = MomentumOpt,
     warmup: float = typer.Option(0.5, "--warmup", help="Warm-up epochs (may be fractional)."),
-    schedule: str = typer.Option("cosine", "--schedule", help="cosine or constant."),
-    label_smoothing: float = typer.Option(0.0, "--label-smoothing"),
-    augment: bool = typer.Option(False, "--augment/--no-augment", help="Standard light augmentation."),
-    amp: str = typer.Option("auto", "--amp", help="auto (bf16/fp16 on CUDA, off on CPU), bf16, fp16 or off."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    seed: int = typer.Option(0, "--seed"),
-    workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
-    limit_train: int = typer.Option(None, "--limit-train", min=1, help="Use only the first N training images."),
-    limit_test: int = typer.Option(None, "--limit-test", min=1, help="Use only the first N test images."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT.state.pt."),
-    grad_clip: float = typer.Option(None, "--grad-clip"),
+    schedule: str = ScheduleOpt,
+    label_smoothing: float = LabelSmoothingOpt,
+    augment: bool = AugmentOpt,
+    amp: str = AmpOpt,
+    device: str = TrainDeviceOpt,
+    seed: int = SeedOpt,
+    workers: int = WorkersOpt,
+    limit_train: int = LimitTrainOpt,
+    limit_test: int = LimitTestOpt,
+    resume: bool = ResumeOpt,
+    grad_clip: float = GradClipOpt,
 ) -> None:
     """Train a model from scratch: a baseline for people without a checkpoint."""
     from tncompress.checkpoint import LoadedModel
@@ -475,23 +490,23 @@ def finetune(
     trust_pickle: bool = TrustOpt,
     data_dir: str = DataDirOpt,
     epochs: int = typer.Option(5, "--epochs", min=1),
-    batch_size: int = typer.Option(128, "--batch-size", min=1),
-    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd or adamw."),
+    batch_size: int = BatchSizeOpt,
+    optimizer: str = OptimizerOpt,
     lr: float = typer.Option(0.01, "--lr"),
-    weight_decay: float = typer.Option(5e-4, "--weight-decay"),
-    momentum: float = typer.Option(0.9, "--momentum"),
+    weight_decay: float = WeightDecayOpt,
+    momentum: float = MomentumOpt,
     warmup: float = typer.Option(0.0, "--warmup", help="Warm-up epochs (may be fractional)."),
-    schedule: str = typer.Option("cosine", "--schedule", help="cosine or constant."),
-    label_smoothing: float = typer.Option(0.0, "--label-smoothing"),
-    augment: bool = typer.Option(False, "--augment/--no-augment", help="Standard light augmentation."),
-    amp: str = typer.Option("auto", "--amp", help="auto (bf16/fp16 on CUDA, off on CPU), bf16, fp16 or off."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    seed: int = typer.Option(0, "--seed"),
-    workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
-    limit_train: int = typer.Option(None, "--limit-train", min=1, help="Use only the first N training images."),
-    limit_test: int = typer.Option(None, "--limit-test", min=1, help="Use only the first N test images."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT.state.pt."),
-    grad_clip: float = typer.Option(None, "--grad-clip"),
+    schedule: str = ScheduleOpt,
+    label_smoothing: float = LabelSmoothingOpt,
+    augment: bool = AugmentOpt,
+    amp: str = AmpOpt,
+    device: str = TrainDeviceOpt,
+    seed: int = SeedOpt,
+    workers: int = WorkersOpt,
+    limit_train: int = LimitTrainOpt,
+    limit_test: int = LimitTestOpt,
+    resume: bool = ResumeOpt,
+    grad_clip: float = GradClipOpt,
 ) -> None:
     """Fine-tune a (compressed) model to recover accuracy, optionally distilling from a teacher."""
     from tncompress.finetune import DataOptions

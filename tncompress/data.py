@@ -823,17 +823,7 @@ def make_loader(
                       num_workers=num_workers or 0, pin_memory=pin, drop_last=drop_last)
 
 
-def dataset_summary(
-    name: str,
-    split: str,
-    *,
-    data_dir: str | Path | None = None,
-    image_size: int | None = None,
-    channels: int | None = None,
-    augment: bool = False,
-    download: bool = True,
-    limit: int | None = None,
-) -> str:
-    """One line, e.g. "MNIST train: 23,797 images (of the official 60,000), 1×32×32, from /data/MNIST/raw"."""
-    return load_dataset(name, split, data_dir=data_dir, image_size=image_size, channels=channels,
-                        augment=augment, download=download, limit=limit).describe()
+def dataset_summary(name: str, split: str, **options: Any) -> str:
+    """One line, e.g. "MNIST train: 23,797 images (of the official 60,000), 1×32×32, from /data/MNIST/raw";
+    ``options`` are :func:`load_dataset`'s."""
+    return load_dataset(name, split, **options).describe()

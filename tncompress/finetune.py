@@ -103,6 +103,8 @@ def train_and_save(loaded: LoadedModel, output: str | Path, data: DataOptions, c
                              augment=data.augment, download=data.download, limit=data.limit_train)
     test_set = load_dataset(data.name, "test", data_dir=data.data_dir, image_size=size, channels=channels,
                             download=data.download, limit=data.limit_test)
+    if on_event:
+        on_event("data", {"train": train_set.describe(), "test": test_set.describe()})
     example = train_set[0][0].unsqueeze(0)
     check_classes(loaded.model, loaded, data.name, example)
     if teacher is not None:
