@@ -3,6 +3,7 @@ conv cannot be factorized, and a base class with the methods every conv chain ha
 (``to_dense``, ``macs_per_sample``, the geometry part of ``config`` and ``extra_repr``)."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -113,6 +114,19 @@ class FactorizedConv2d(FactorizedLayer):
 
     def dense_kernel(self) -> Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def reset_chain(self, factors: list[Tensor], inner: int) -> None:
+        """Draw i.i.d. N(0, σ²) factors so the effective kernel has the dense conv's default-init
+        variance: Var(K) = inner · σ^(2·len(factors)) = 1 / (3·fan_in), where ``inner`` is the
+        number of summed terms per kernel entry; the bias is drawn like the dense conv's."""
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        std = (dense_init_variance(fan_in) / inner) ** (1.0 / (2 * len(factors)))
+        with torch.no_grad():
+            for w in factors:
+                nn.init.normal_(w, 0.0, std)
+            if self.pointwise_out.bias is not None:
+                bound = 1.0 / math.sqrt(fan_in)
+                nn.init.uniform_(self.pointwise_out.bias, -bound, bound)
 
     def geometry_config(self) -> dict[str, Any]:
         """JSON-safe constructor arguments shared by every factorized conv."""

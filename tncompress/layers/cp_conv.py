@@ -15,8 +15,6 @@ rebuilt kernel. Only plain modules are used, so torch.compile, TorchScript and O
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -31,7 +29,6 @@ from tncompress.layers.conv_base import (
     _pair,
     _padding,
     conv_unsupported_reason,
-    dense_init_variance,
 )
 
 CP_FORMS = ("3conv", "4conv")
@@ -120,15 +117,7 @@ class CPConv2d(FactorizedConv2d):
         With N i.i.d. N(0, σ²) factors and R components, Var(K) = R·σ^(2N); the dense target is
         1 / (3·fan_in), fan_in = cin·kh·kw. The bias is drawn like the dense conv's bias.
         """
-        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-        weights = self._factor_weights()
-        std = (dense_init_variance(fan_in) / self.rank) ** (1.0 / (2 * len(weights)))
-        with torch.no_grad():
-            for w in weights:
-                nn.init.normal_(w, 0.0, std)
-            if self.pointwise_out.bias is not None:
-                bound = 1.0 / math.sqrt(fan_in)
-                nn.init.uniform_(self.pointwise_out.bias, -bound, bound)
+        self.reset_chain(self._factor_weights(), self.rank)
 
     @staticmethod
     def unsupported_reason(conv: nn.Module) -> str | None:

@@ -10,7 +10,6 @@ The layer's ``ranks`` are in data-flow order ``(r_in, r_out)``; the decompositio
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +25,6 @@ from tncompress.layers.conv_base import (
     _pair,
     _padding,
     conv_unsupported_reason,
-    dense_init_variance,
 )
 
 
@@ -88,15 +86,8 @@ class Tucker2Conv2d(FactorizedConv2d):
         With three i.i.d. N(0, σ²) factors, Var(K) = r_in·r_out·σ⁶; the dense target is
         1 / (3·fan_in), fan_in = cin·kh·kw. The bias is drawn like the dense conv's bias.
         """
-        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         r_in, r_out = self.ranks
-        std = (dense_init_variance(fan_in) / (r_in * r_out)) ** (1.0 / 6.0)
-        with torch.no_grad():
-            for conv in (self.pointwise_in, self.core, self.pointwise_out):
-                nn.init.normal_(conv.weight, 0.0, std)
-            if self.pointwise_out.bias is not None:
-                bound = 1.0 / math.sqrt(fan_in)
-                nn.init.uniform_(self.pointwise_out.bias, -bound, bound)
+        self.reset_chain([self.pointwise_in.weight, self.core.weight, self.pointwise_out.weight], r_in * r_out)
 
     @staticmethod
     def unsupported_reason(conv: nn.Module) -> str | None:
