@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
 import tncompress
 from tncompress.checkpoint import atomic_save, load_model
