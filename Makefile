@@ -32,6 +32,7 @@ demo: install
 	bash scripts/demo.sh
 
 bench: install
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e '.[bench]'
 	$(PY) benchmarks/run.py $(ARGS)
 
 lint: install
