@@ -13,6 +13,7 @@ HERE = Path(__file__).parent
 PARTS = {
     "layers": [sys.executable, str(HERE / "layer_speed.py"), "--device", "cpu", "--out", "docs/layer-speed-cpu"],
     "recipes": [sys.executable, str(HERE / "recipes.py"), "--out", "docs/results.md"],
+    "decompose": [sys.executable, str(HERE / "decompose_time.py"), "--out", "docs/decompose-time"],
     # needs MNIST under $TNCOMPRESS_DATA (the Makefile points it at ../shared/data); about 8 minutes
     "mnist": [sys.executable, str(HERE / "mnist_tt.py"), "--augment", "--epochs-ft", "20", "--lr-ft", "0.02",
               "--out", "docs/mnist-tt.md"],
