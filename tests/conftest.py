@@ -104,3 +104,22 @@ def write_recipe(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny problems: one thread avoids OpenMP spin-wait stalls on small, busy CI machines."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# Conv geometries with per-axis asymmetric stride / padding / dilation, string padding and padding modes.
+CONV_GEOMETRIES = [
+    pytest.param((3, 3), dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2)), id="asym"),
+    pytest.param((2, 3), dict(padding="same", dilation=(1, 2)), id="same-even"),
+    pytest.param((3, 2), dict(stride=(1, 2), padding="valid"), id="valid"),
+    pytest.param((3, 3), dict(stride=(2, 1), padding=(1, 2), padding_mode="reflect"), id="reflect"),
+    pytest.param((3, 2), dict(padding=(2, 1), dilation=(2, 1), padding_mode="circular"), id="circular"),
+]

@@ -21,25 +21,14 @@ from tncompress.decompositions.cp import (
 from tncompress.errors import RankError, TncompressError
 from tncompress.layers.cp_conv import CPConv2d
 
+from conftest import CONV_GEOMETRIES
+
 F64 = torch.float64
 
-# Geometries with per-axis asymmetric stride / padding / dilation, string padding and padding modes.
-GEOMETRIES = [
-    pytest.param((3, 3), dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2)), id="asym"),
-    pytest.param((2, 3), dict(padding="same", dilation=(1, 2)), id="same-even"),
-    pytest.param((3, 2), dict(stride=(1, 2), padding="valid"), id="valid"),
-    pytest.param((3, 3), dict(stride=(2, 1), padding=(1, 2), padding_mode="reflect"), id="reflect"),
-    pytest.param((3, 2), dict(padding=(2, 1), dilation=(2, 1), padding_mode="circular"), id="circular"),
-]
+GEOMETRIES = CONV_GEOMETRIES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one thread avoids OpenMP spin-wait stalls on small, busy CI machines."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def low_rank_kernel(shape: tuple[int, int, int, int], rank: int, seed: int = 0) -> torch.Tensor:
