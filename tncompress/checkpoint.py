@@ -6,6 +6,8 @@ dicts, lists, strings, numbers and tensors (see :func:`save_compressed` for the 
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import logging
 import os
 import pickle
@@ -52,6 +54,8 @@ def check_output_path(path: str | Path) -> Path:
     directory = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise CheckpointError(f"cannot write {path}: it is a folder; give a file name")
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"cannot write {path}: {directory} is a file, not a folder")
     if not directory.is_dir():
         raise CheckpointError(f"cannot write {path}: folder {directory} does not exist")
     if not os.access(directory, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -59,12 +63,54 @@ def check_output_path(path: str | Path) -> Path:
     return directory
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (reports record which exact inputs they describe)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete temporary files that an earlier, killed writer of ``path`` left behind.
+
+    Temporaries are named ``.<name>.<pid>.<random>.tmp``; one whose process no longer runs is stale
+    (a live writer's temporary is never touched). Returns what was removed.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    removed = []
+    for tmp in directory.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+                log.info("removed %s, left by a writer that was killed", tmp)
+            except OSError:
+                pass
+    return removed
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path`` and rename it into place, so a reader
-    (or a crash) never sees a half-written file."""
+    (or a crash) never sees a half-written file. Temporaries left by a killed earlier writer of the
+    same path are removed first."""
     path = Path(path)
     directory = check_output_path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    remove_stale_temporaries(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=directory)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -114,6 +160,8 @@ def _read(path: Path, trust_pickle: bool) -> Any:
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"{path}: not readable (permissions)")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -121,8 +169,8 @@ def _read(path: Path, trust_pickle: bool) -> Any:
             raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from exc
         if not trust_pickle:
             raise CheckpointError(
-                f"{path} holds pickled Python objects (e.g. a whole nn.Module); unpickling runs code from the "
-                "file, so it is refused. If you trust it, pass --trust-pickle (and --import model_def.py if "
+                f"{path} holds pickled Python objects (e.g. a whole nn.Module); unpickling can run arbitrary code "
+                "from the file, so it is refused. If you trust it, pass --trust-pickle (and --import model_def.py if "
                 "its classes live in your code); better, save a state_dict and pass --arch") from None
     except Exception as exc:  # torch raises many types on corrupt or truncated files
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, or truncated ({_first_line(exc)})") from exc
@@ -135,6 +183,35 @@ def _read(path: Path, trust_pickle: bool) -> Any:
             "pass --import path/to/model_def.py that defines it") from exc
     except Exception as exc:
         raise CheckpointError(f"{path}: unpickling failed ({type(exc).__name__}: {_first_line(exc)})") from exc
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from a ``.safetensors`` file (a format that cannot hold code); needs the optional
+    ``safetensors`` package."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"{path}: reading .safetensors needs the safetensors package: "
+                              "pip install 'tncompress[safetensors]'") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for bad headers and short files
+        raise CheckpointError(f"{path}: not a readable safetensors file, or truncated ({_first_line(exc)})") from exc
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    """Refuse a model whose parameters or buffers hold NaN or Inf: compressing, fine-tuning or
+    reporting it would only produce a broken model with plausible-looking numbers."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, tensor in tensors:
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = ~torch.isfinite(tensor.detach())
+            if bool(bad.any()):
+                nan = int(torch.isnan(tensor.detach()).sum())
+                kinds = " and ".join(k for k, n in (("NaN", nan), ("Inf", int(bad.sum()) - nan)) if n)
+                raise CheckpointError(f"{source}: {name} holds {int(bad.sum()):,} {kinds} value(s) of "
+                                      f"{tensor.numel():,}; the model is broken (a diverged training run?) "
+                                      "and is refused")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -217,9 +294,9 @@ def load_model(path: str | Path, spec: ModelSpec | None = None, *, trust_pickle:
     if is_compressed_checkpoint(obj):
         if spec is not None and base_model is None and not obj.get("base", {}).get("arch"):
             base_model = build_model(spec)
-        return _rebuild_compressed(obj, path, base_model)
+        return _finite(_rebuild_compressed(obj, path, base_model))
     if isinstance(obj, nn.Module):
-        return LoadedModel(obj.eval(), spec, "pickle", str(path))
+        return _finite(LoadedModel(obj.eval(), spec, "pickle", str(path)))
     state_dict = _as_state_dict(obj)
     if state_dict is None:
         raise CheckpointError(f"{path}: holds neither a state dict nor a model "
@@ -229,7 +306,12 @@ def load_model(path: str | Path, spec: ModelSpec | None = None, *, trust_pickle:
                               "(e.g. --arch torchvision:resnet18 --arch-arg num_classes=10)")
     model = base_model if base_model is not None else build_model(spec)
     load_state_dict_into(model, state_dict, str(path))
-    return LoadedModel(model.eval(), spec, "state_dict", str(path))
+    return _finite(LoadedModel(model.eval(), spec, "state_dict", str(path)))
+
+
+def _finite(loaded: LoadedModel) -> LoadedModel:
+    check_finite(loaded.model, loaded.path)
+    return loaded
 
 
 def _keys_hint(obj: Any) -> str:

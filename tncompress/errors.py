@@ -31,3 +31,9 @@ class CheckpointError(TncompressError):
 
 class ModelSpecError(TncompressError):
     """An architecture spec cannot be resolved to a model."""
+
+
+class GateError(TncompressError):
+    """A quality bound was not met (a report gate, or a recipe's output-error bound): exit 3."""
+
+    exit_code = EXIT_GATE

@@ -16,7 +16,7 @@ from tncompress.decompositions import svd as svd_ops
 from tncompress.decompositions import tt as tt_ops
 from tncompress.errors import RankError, RecipeError
 from tncompress.layers import LAYER_CLASSES, CPConv2d, Tucker2Conv2d
-from tncompress.recipe import METHOD_KEYS, METHODS_BY_TYPE, LayerChoice, Recipe, match_layers
+from tncompress.recipe import COMMON_SETTING_KEYS, METHOD_KEYS, METHODS_BY_TYPE, LayerChoice, Recipe, match_layers
 from tncompress.surgery import candidate_layers, type_name
 
 log = logging.getLogger(__name__)
@@ -355,7 +355,7 @@ def plan_layer(choice: LayerChoice, module: nn.Module, shapes: tuple[list[int], 
     if method not in METHODS_BY_TYPE[tname]:
         raise RecipeError(f"{where}: method {method!r} does not apply to a {tname}; "
                           f"use one of {', '.join(METHODS_BY_TYPE[tname])}")
-    extra = set(choice.settings) - {"method"} - METHOD_KEYS[method]
+    extra = set(choice.settings) - {"method"} - METHOD_KEYS[method] - COMMON_SETTING_KEYS
     if extra:
         raise RecipeError(f"{where}: key {sorted(extra)[0]!r} does not apply to method {method!r} "
                           f"(it takes {', '.join(sorted(METHOD_KEYS[method])) or 'no settings'})")

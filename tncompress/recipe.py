@@ -38,9 +38,12 @@ METHOD_KEYS: dict[str, frozenset[str]] = {
     "tucker2": frozenset({"rank", "algorithm", "n_iter", "floor", "weakening"}),
     "none": frozenset(),
 }
-ALL_SETTING_KEYS = frozenset({"method"}).union(*METHOD_KEYS.values())
+# settings every method accepts: a bound on the layer's relative output error on the calibration batch
+COMMON_SETTING_KEYS = frozenset({"max_output_error"})
+ALL_SETTING_KEYS = frozenset({"method"}).union(*METHOD_KEYS.values(), COMMON_SETTING_KEYS)
 TOP_KEYS = frozenset({"version", "defaults", "layers", "exclude", "calibration"})
-CALIBRATION_KEYS = frozenset({"batch_size", "seed"})
+CALIBRATION_KEYS = frozenset({"batch_size", "seed", "max_output_error", "max_model_error"})
+ERROR_BOUND_KEYS = frozenset({"max_output_error", "max_model_error"})
 TIER_RANK = {"defaults": 0, "type": 1, "pattern": 2, "regex": 2, "name": 3}
 
 
@@ -125,8 +128,17 @@ def _check_settings(source: str, key: str, settings: Any, allowed_extra: Sequenc
             hint = difflib.get_close_matches(k, sorted(ALL_SETTING_KEYS | set(allowed_extra)), n=1)
             raise RecipeError(f"{_where(source, key)}: unknown key {k!r}"
                               f"{f' (did you mean {hint[0]!r}?)' if hint else ''}")
+        if k in ERROR_BOUND_KEYS:
+            _check_bound(source, f"{key}.{k}", v)
         out[k] = _check_method(source, f"{key}.method", v) if k == "method" else v
     return out
+
+
+def _check_bound(source: str, key: str, value: Any) -> float:
+    """An error bound: a positive, finite number (relative error, e.g. 0.3)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise RecipeError(f"{_where(source, key)}: expected a positive number (a relative error such as 0.3), got {value!r}")
+    return float(value)
 
 
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
@@ -193,11 +205,13 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
 
     calibration = data.get("calibration") or {}
     if not isinstance(calibration, dict):
-        raise RecipeError(f"{_where(source, 'calibration')}: expected a mapping (batch_size, seed)")
+        raise RecipeError(f"{_where(source, 'calibration')}: expected a mapping ({', '.join(sorted(CALIBRATION_KEYS))})")
     for k, v in calibration.items():
         if k not in CALIBRATION_KEYS:
             raise RecipeError(f"{_where(source, f'calibration.{k}')}: unknown key; allowed: {', '.join(sorted(CALIBRATION_KEYS))}")
-        if not isinstance(v, int) or isinstance(v, bool) or v < (1 if k == "batch_size" else 0):
+        if k in ERROR_BOUND_KEYS:
+            _check_bound(source, f"calibration.{k}", v)
+        elif not isinstance(v, int) or isinstance(v, bool) or v < (1 if k == "batch_size" else 0):
             raise RecipeError(f"{_where(source, f'calibration.{k}')}: expected a {'positive' if k == 'batch_size' else 'non-negative'} integer, got {v!r}")
     recipe.calibration = dict(calibration)
     return recipe
