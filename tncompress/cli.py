@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tncompress._version import __version__
-from tncompress.errors import EXIT_INTERNAL, TncompressError
+from tncompress.errors import EXIT_GATE, EXIT_INTERNAL, TncompressError
 
 # Set before torch is imported: busy-waiting OpenMP threads starve each other on small or shared
 # machines (measured 3× to 1000× slowdowns of the decompositions on 2 cores with another process busy).
@@ -25,7 +25,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_CODES_HELP = "Exit codes: 0 success, 1 internal error (a bug: rerun with --debug), 2 user error."
+EXIT_CODES_HELP = ("Exit codes: 0 success, 1 internal error (a bug: rerun with --debug), 2 user error (bad input, "
+                   "recipe, option or path), 3 a quality gate failed (report --gate, or a recipe's error bound).")
 app = typer.Typer(
     name="tncompress",
     help=f"Make trained PyTorch models smaller and faster with tensor decompositions.\n\n{EXIT_CODES_HELP}",
@@ -235,10 +236,13 @@ def decompose(
     trust_pickle: bool = TrustOpt,
     input_shape: str = InputShapeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the resolved plan with errors as JSON."),
+    allow_error: bool = typer.Option(False, "--allow-error", help="Write the model even when a layer or the model "
+                                     "exceeds the recipe's max_output_error / max_model_error (default: exit 3)."),
 ) -> None:
-    """Decompose the layers a recipe selects and write a reloadable compressed checkpoint."""
-    from tncompress.checkpoint import save_compressed
-    from tncompress.compress import apply_plan
+    """Decompose the layers a recipe selects and write a reloadable compressed checkpoint.
+    The input file is only read; the output is written atomically."""
+    from tncompress.checkpoint import file_sha256, save_compressed
+    from tncompress.compress import apply_plan, check_error_bounds, model_output_error, reference_output
     from tncompress.measure import count_params
     from tncompress.models import ModelSpec
     from tncompress.planner import calibration_batch, calibration_settings, make_plan
@@ -269,8 +273,13 @@ def decompose(
             else:
                 progress.update(task, advance=1)
 
-        apply_plan(model, layers, batch, on_progress)
+        reference = reference_output(model, batch)
+        apply_plan(model, layers, batch, on_progress, max_output_error=calib.get("max_output_error"))
         progress.update(task, description="decomposed")
+    model_error = model_output_error(model, batch, reference)
+    problems = check_error_bounds(layers, calib, model_error, allow_error=allow_error, source=str(recipe))
+    for problem in problems:
+        err_console.print(f"[yellow]warning:[/] {problem} (written anyway: --allow-error)", highlight=False)
     spec = loaded.spec
     if spec is not None:
         spec = ModelSpec(spec.arch, spec.kwargs, spec.imports, list(shape))
@@ -278,14 +287,21 @@ def decompose(
     structure = prior + [p.layer_entry for p in layers if p.action == "decompose"]
     save_compressed(output, model, spec=spec, layers=structure, plan=[p.to_dict() for p in layers],
                     recipe=rec.raw, metadata={"source": str(checkpoint), "source_kind": loaded.kind,
+                                              "source_sha256": file_sha256(checkpoint),
+                                              "recipe_path": str(recipe), "recipe_sha256": file_sha256(recipe),
+                                              "recipe_overrides": list(overrides or []), "seed": calib["seed"],
+                                              "model_output_error": model_error, "bound_violations": problems,
                                               "calibration": {**calib, "input_shape": shape, "kind": "gaussian noise"}})
     if as_json:
-        sys.stdout.write(_plan_json(layers, {"input": str(checkpoint), "output": str(output), "input_shape": shape}) + "\n")
+        sys.stdout.write(_plan_json(layers, {"input": str(checkpoint), "output": str(output), "input_shape": shape,
+                                             "model_output_error": model_error}) + "\n")
         return
     console.print(_plan_table(layers, f"Decomposed {checkpoint} → {output} (errors: relative Frobenius norm; "
                                       f"output error on a calibration batch of {calib['batch_size']})"))
     _print_notes(layers)
     console.print(_totals_line(layers, params_before))
+    if model_error is not None:
+        console.print(f"model output error on the calibration batch: {model_error:.3g} (relative)")
     console.print(f"wrote {output}")
 
 
@@ -309,12 +325,19 @@ def report(
     data_dir: str = DataDirOpt,
     limit_test: int = typer.Option(None, "--limit-test", min=1, help="Evaluate on the first N test images only."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Evaluation batch size."),
+    gates: list[str] = typer.Option(None, "--gate", help="CI gate METRIC OP NUMBER, checked on every model after the "
+                                    "baseline, e.g. 'top1_drop<=1.0' or 'params_ratio>=4' (repeatable; exit 3 when "
+                                    "one fails). Metrics: params_ratio, macs_ratio, bytes_ratio, top1, top5, "
+                                    "top1_drop, top5_drop, speedup, latency_ms, max_output_error, …"),
 ) -> None:
     """Params, bytes on disk, MACs (per layer and total), ratios against the first model, and
-    accuracy with --dataset."""
+    accuracy with --dataset; --gate checks CI thresholds (exit 3 when one fails)."""
     from tncompress.checkpoint import atomic_write
+    from tncompress.gates import check_options, evaluate_gates, parse_gates
     from tncompress.report import LAYER_HEADERS, ReportOptions, build_report, layer_rows, summary_rows, to_json, to_markdown
 
+    parsed_gates = parse_gates(gates or [])  # bad syntax fails before any work
+    check_options(parsed_gates, dataset=dataset is not None, latency=latency)
     if as_json and as_markdown:
         raise TncompressError("choose one of --json and --markdown")
     if output and not (as_json or as_markdown):
@@ -337,11 +360,15 @@ def report(
 
         data = DataOptions(dataset, data_dir, limit_test=limit_test)
     rep = build_report(loaded, ReportOptions(shape, latency, latency_batch, device, data, batch_size))
+    gate_results = evaluate_gates(parsed_gates, rep)
+    if parsed_gates:
+        rep["gates"] = [g.to_dict() for g in gate_results]
     if as_json or as_markdown:
         text = to_json(rep) + "\n" if as_json else to_markdown(rep)
         if output:
             atomic_write(output, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         sys.stdout.write(text)
+        _finish_gates(gate_results)
         return
     headers, rows = summary_rows(rep)
     table = Table(title=f"Report (input {shape}; ratios are baseline / model)", title_justify="left")
@@ -359,6 +386,19 @@ def report(
                 t.add_row(*r)
             console.print(t)
     console.print(f"[dim]{rep['mac_rule']}[/]")
+    for result in gate_results:
+        if result.passed:
+            console.print(f"[green]{result.line()}[/]", highlight=False)
+    _finish_gates(gate_results)
+
+
+def _finish_gates(results) -> None:
+    """One stderr line per failed gate, then exit 3; nothing when every gate held."""
+    failed = [r for r in results if not r.passed]
+    for result in failed:
+        err_console.print(f"[bold red]{result.line()}[/]", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(EXIT_GATE)
 
 
 # --- training ------------------------------------------------------------------------------------

@@ -222,7 +222,7 @@ def check_error_bounds(plan: Sequence[LayerPlan], calibration: dict[str, Any], m
         err = entry.output_rel_error
         if entry.action == "decompose" and bound is not None and err is not None and not err <= bound:
             problems.append(f"layer {entry.name}: output error {err:.3g} on the calibration batch exceeds "
-                            f"max_output_error {bound:g} ({entry.decided_by or source})")
+                            f"max_output_error {bound:g}")
     max_model = calibration.get("max_model_error")
     if model_error is not None and not math.isfinite(model_error):
         problems.append("the decomposed model's output on the calibration batch is not finite (NaN/Inf)")

@@ -131,3 +131,11 @@ def evaluate_gates(gates: Sequence[Gate], report: dict[str, Any]) -> list[GateRe
             passed = math.isfinite(value) and gate.holds(value)
             results.append(GateResult(gate.expr, gate.metric, gate.op, gate.threshold, entry["path"], value, passed))
     return results
+
+
+def check_options(gates: Sequence[Gate], *, dataset: bool, latency: bool) -> None:
+    """Fail before any work when a gate needs a measurement the command line does not ask for."""
+    for gate in gates:
+        needs = METRICS[gate.metric][1]
+        if (needs == "--dataset" and not dataset) or (needs == "--latency" and not latency):
+            raise TncompressError(f"--gate {gate.expr!r}: {gate.metric} is measured only with {needs}")

@@ -66,6 +66,7 @@ def measure_model(loaded: LoadedModel, options: ReportOptions) -> dict[str, Any]
         "arch": loaded.spec.arch if loaded.spec else None,
         "params": count_params(model),
         "bytes_on_disk": file_bytes(loaded.path),
+        "sha256": _sha256(loaded.path),
         "macs": macs.total,
         "layers": _layer_rows(loaded, macs.per_module),
     }
@@ -84,6 +85,45 @@ def measure_model(loaded: LoadedModel, options: ReportOptions) -> dict[str, Any]
         batch = calibration_batch(options.input_shape, options.latency_batch, 0, dtype=dtype, device=options.device)
         entry["latency"] = measure_latency(model, batch)
     return entry
+
+
+REPORT_SEED = 0  # seed of the Gaussian input used for MACs and latency
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of the tool and the libraries behind the numbers, for reproducible CI records."""
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {"tncompress": __version__, "python": platform.python_version(),
+                                       "torch": str(torch.__version__)}
+    for dist in ("torchvision", "tensorly", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
+def _sha256(path: str) -> str | None:
+    from tncompress.checkpoint import file_sha256
+
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
+
+
+def _provenance(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a compressed checkpoint records about how it was made (recipe hash, seeds, source hash)."""
+    renamed = {"recipe_path": "recipe", "recipe_sha256": "recipe_sha256", "recipe_overrides": "recipe_overrides",
+               "seed": "calibration_seed", "source_sha256": "decomposed_from_sha256",
+               "model_output_error": "model_output_error"}
+    out = {new: meta[old] for old, new in renamed.items() if old in meta}
+    training = meta.get("training") or {}
+    seed = (training.get("config") or {}).get("seed") if isinstance(training, dict) else None
+    if seed is not None:
+        out["training_seed"] = seed
+    return out
 
 
 def _ratio(base: float, value: float) -> float | None:
@@ -108,7 +148,10 @@ def build_report(models: Sequence[LoadedModel], options: ReportOptions) -> dict[
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "tncompress_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
+        "versions": library_versions(),
+        "seed": REPORT_SEED,
+        "inputs": [{"path": e["path"], "sha256": e["sha256"], **_provenance(e.get("metadata") or {})} for e in entries],
         "machine": {"platform": platform.platform(), "processor": platform.machine(),
                     "threads": torch.get_num_threads(), "device": options.device},
         "input_shape": list(options.input_shape),
@@ -195,6 +238,11 @@ def to_markdown(report: dict[str, Any], layers: bool = True) -> str:
         lines += ["", f"Accuracy on the {accuracy['dataset']} test split ({accuracy['images']:,} images); "
                       "Δ top-1 is in percentage points against the baseline."]
     lines += ["", f"_{report['mac_rule']}._"]
+    if report.get("gates"):
+        lines += ["", "## Gates", ""]
+        lines += table(["gate", "model", "value", "result"],
+                       [[g["expr"], g["model"], "–" if g["value"] is None else f"{g['value']:.4g}",
+                         "pass" if g["passed"] else "**FAIL**"] for g in report["gates"]])
     if layers:
         for m in report["models"][1:] if len(report["models"]) > 1 else report["models"]:
             lines += ["", f"## Layers of {m['path']}", ""]
