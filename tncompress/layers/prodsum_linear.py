@@ -76,9 +76,10 @@ class ProdSumFactors(FactorizedLayer):
             raise RankError(f"unknown g {g!r}; known: {', '.join(ps.G_FUNCTIONS)}")
         if widths is None:
             widths = [min(rows, cols)] * (p - 1)
-        widths = list(widths)
-        if len(widths) != p - 1 or not all(_is_int(w) and w >= 1 for w in widths):
+        if not isinstance(widths, (list, tuple)) or len(widths) != p - 1 or not all(_is_int(w) and w >= 1 for w in widths):
             raise RankError(f"widths must be a list of p − 1 = {p - 1} positive integers (the inner sizes), got {widths!r}")
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
+            raise RankError(f"density (of sparse bases) must be a number in (0, 1], got {density!r}")
         self.p, self.seed, self.g, self.density = p, int(seed), str(g), float(density)
         self.widths = [int(w) for w in widths]
         dims = [rows, *self.widths, cols]
