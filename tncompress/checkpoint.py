@@ -103,6 +103,16 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
     return removed
 
 
+def _output_mode(path: Path) -> int:
+    """The existing file's permissions, else 0666 minus the process umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path`` and rename it into place, so a reader
     (or a crash) never sees a half-written file. Temporaries left by a killed earlier writer of the
@@ -117,6 +127,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, _output_mode(path))  # mkstemp makes 0600; give the file the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -423,5 +423,8 @@ class TTLinear(FactorizedLayer):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"TTLinear expects inputs with {self.in_features} features, got shape {tuple(x.shape)}")
-        batch = x.numel() // self.in_features
+        numel = x.numel()
+        # Under torch.export the batch is symbolic: choosing a schedule by its value would freeze
+        # it, so exported graphs use the batch-1 schedule (every schedule is exact at any batch).
+        batch = numel // self.in_features if isinstance(numel, int) else 1
         return self._forward_with_plan(x, self._plan_for(batch))
