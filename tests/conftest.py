@@ -122,4 +122,6 @@ CONV_GEOMETRIES = [
     pytest.param((3, 2), dict(stride=(1, 2), padding="valid"), id="valid"),
     pytest.param((3, 3), dict(stride=(2, 1), padding=(1, 2), padding_mode="reflect"), id="reflect"),
     pytest.param((3, 2), dict(padding=(2, 1), dilation=(2, 1), padding_mode="circular"), id="circular"),
+    # 1×1 kernels: stride and padding move into the first 1×1 conv (see split_geometry)
+    pytest.param((1, 1), dict(stride=2, padding=1, padding_mode="reflect"), id="1x1-stride-pad"),
 ]

@@ -245,3 +245,24 @@ def test_torchscript_and_dense_agree():
     scripted = torch.jit.script(layer)
     x = torch.randn(2, 3, 6, 6)
     assert torch.allclose(scripted(x), layer(x))
+
+
+@pytest.mark.parametrize("layer_cls", ["cp", "tucker2"])
+def test_strided_1x1_conv_runs_its_first_conv_on_the_strided_grid(layer_cls):
+    """A 1×1 stride-2 downsample: the first 1×1 conv subsamples, so every conv of the chain runs at
+    the output resolution and the chain costs (cin·R + mid + R'·cout) MACs per output pixel."""
+    from tncompress.layers import Tucker2Conv2d
+
+    torch.manual_seed(0)
+    dense = nn.Conv2d(64, 128, 1, stride=2, bias=False)
+    if layer_cls == "cp":
+        layer = CPConv2d.from_dense(dense, rank=12)
+        per_pixel = 64 * 12 + 12 + 12 * 128
+    else:
+        layer = Tucker2Conv2d.from_dense(dense, ranks=(11, 24))
+        per_pixel = 64 * 11 + 11 * 24 + 24 * 128
+    x = torch.randn(2, 64, 16, 16)
+    assert layer.macs_per_sample((16, 16)) == per_pixel * 8 * 8
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.to_dense()(x), rtol=1e-4, atol=1e-5)
+        assert layer.pointwise_in(x).shape[-2:] == (8, 8)

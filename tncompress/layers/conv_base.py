@@ -82,6 +82,18 @@ def conv_macs(conv: nn.Conv2d, input_hw: tuple[int, int]) -> tuple[int, tuple[in
     return macs, (oh, ow)
 
 
+def split_geometry(kernel_size: tuple[int, int], stride: tuple[int, int], padding: str | tuple[int, int],
+                   padding_mode: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Where the stride and padding go in a 1×1 → spatial → 1×1 chain: (first 1×1, spatial) kwargs.
+
+    Normally the spatial conv takes them. For a 1×1 kernel the spatial conv touches one pixel, so
+    padding and subsampling commute with the bias-free first 1×1 conv: the first conv takes them and
+    runs on the strided grid only (a 1×1 stride-2 downsample does 4× less work in its first conv)."""
+    if kernel_size == (1, 1) and padding != "same":
+        return {"stride": stride, "padding": padding, "padding_mode": padding_mode}, {"stride": 1, "padding": 0}
+    return {}, {"stride": stride, "padding": padding, "padding_mode": padding_mode}
+
+
 def dense_init_variance(fan_in: int) -> float:
     """Weight variance of ``nn.Conv2d``/``nn.Linear`` default init (kaiming_uniform, a=√5)."""
     return 1.0 / (3.0 * fan_in)

@@ -29,6 +29,7 @@ from tncompress.layers.conv_base import (
     _pair,
     _padding,
     conv_unsupported_reason,
+    split_geometry,
 )
 
 CP_FORMS = ("3conv", "4conv")
@@ -76,24 +77,25 @@ class CPConv2d(FactorizedConv2d):
         self.fit_info: dict[str, Any] | None = None
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
         kh, kw = self.kernel_size
-        self.pointwise_in = nn.Conv2d(in_channels, rank, 1, bias=False, **fk)
+        first, spatial = split_geometry(self.kernel_size, self.stride, self.padding, padding_mode)
+        self.pointwise_in = nn.Conv2d(in_channels, rank, 1, bias=False, **first, **fk)
+        stride, padding = _pair(spatial["stride"], "stride"), spatial["padding"]
         self.spatial: nn.Module
         if form == "3conv":
-            self.spatial = nn.Conv2d(
-                rank, rank, (kh, kw), self.stride, self.padding, self.dilation,
-                groups=rank, bias=False, padding_mode=padding_mode, **fk,
-            )
+            self.spatial = nn.Conv2d(rank, rank, (kh, kw), stride, padding, self.dilation,
+                                     groups=rank, bias=False, padding_mode=padding_mode, **fk)
         else:
-            pad_h: str | tuple[int, int]
-            pad_w: str | tuple[int, int]
-            if isinstance(self.padding, str):
-                pad_h = pad_w = self.padding
+            pad_h: str | tuple[int, int] | int
+            pad_w: str | tuple[int, int] | int
+            if isinstance(padding, str):
+                pad_h = pad_w = padding
             else:
-                pad_h, pad_w = (self.padding[0], 0), (0, self.padding[1])
+                pad = _pair(padding, "padding")
+                pad_h, pad_w = (pad[0], 0), (0, pad[1])
             self.spatial = nn.Sequential(
-                nn.Conv2d(rank, rank, (kh, 1), (self.stride[0], 1), pad_h, (self.dilation[0], 1),
+                nn.Conv2d(rank, rank, (kh, 1), (stride[0], 1), pad_h, (self.dilation[0], 1),
                           groups=rank, bias=False, padding_mode=padding_mode, **fk),
-                nn.Conv2d(rank, rank, (1, kw), (1, self.stride[1]), pad_w, (1, self.dilation[1]),
+                nn.Conv2d(rank, rank, (1, kw), (1, stride[1]), pad_w, (1, self.dilation[1]),
                           groups=rank, bias=False, padding_mode=padding_mode, **fk),
             )
         self.pointwise_out = nn.Conv2d(rank, out_channels, 1, bias=bias, **fk)

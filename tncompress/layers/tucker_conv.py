@@ -25,6 +25,7 @@ from tncompress.layers.conv_base import (
     _pair,
     _padding,
     conv_unsupported_reason,
+    split_geometry,
 )
 
 
@@ -72,11 +73,9 @@ class Tucker2Conv2d(FactorizedConv2d):
         self.rel_error: float | None = None  # kernel error after from_dense
         r_in, r_out = self.ranks
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.pointwise_in = nn.Conv2d(in_channels, r_in, 1, bias=False, **fk)
-        self.core = nn.Conv2d(
-            r_in, r_out, self.kernel_size, self.stride, self.padding, self.dilation,
-            bias=False, padding_mode=padding_mode, **fk,
-        )
+        first, spatial = split_geometry(self.kernel_size, self.stride, self.padding, padding_mode)
+        self.pointwise_in = nn.Conv2d(in_channels, r_in, 1, bias=False, **first, **fk)
+        self.core = nn.Conv2d(r_in, r_out, self.kernel_size, dilation=self.dilation, bias=False, **spatial, **fk)
         self.pointwise_out = nn.Conv2d(r_out, out_channels, 1, bias=bias, **fk)
         self.reset_parameters()
 
