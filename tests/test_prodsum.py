@@ -285,3 +285,29 @@ def test_recipe_prodsum_through_the_cli(cli, tmp_path, model_def, write_recipe):
     bad = write_recipe("version: 1\nlayers:\n  - {name: fc, method: prodsum, p: 0}\n", "bad.yaml")
     res = cli("decompose", tmp_path / "sd.pt", *arch, "-r", bad, "-o", tmp_path / "bad.pt", "--input-shape", "1,3,8,8")
     assert res.exit_code == 2 and "layer fc" in res.output and "p (the number of factors)" in res.output
+
+
+# ---------------------------------------------------------------------------------- conv
+
+
+def test_conv_on_the_unfolded_kernel():
+    from tncompress.layers import ProdSumConv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), padding_mode="reflect").double()
+    layer = ProdSumConv2d.from_dense(conv, terms=4 * 3 * 6, family="gaussian")  # spans: exact
+    x = torch.randn(2, 3, 9, 9, dtype=F64)
+    assert layer.fit_error < 1e-9
+    torch.testing.assert_close(layer(x), conv(x))
+    assert set(layer.state_dict()) == {"coeffs.0", "bias"}
+    again = build_layer("prodsum_conv", json.loads(json.dumps(layer.config()))).double()
+    again.load_state_dict(layer.state_dict(), strict=True)
+    assert torch.equal(again(x), layer(x))
+    small = ProdSumConv2d(3, 8, 3, padding="same", p=2, terms=[5, 7], family="kronecker", dtype=F64)
+    torch.testing.assert_close(small(x), small.to_dense()(x))
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            small(x[:1])
+    assert counter.get_total_flops() // 2 == small.macs_per_sample((9, 9)) + small.assemble_macs()
+    with pytest.raises(RankError, match="groups=2"):
+        ProdSumConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2))

@@ -8,6 +8,7 @@ from torch import nn
 from tncompress.layers.base import FactorizedLayer
 from tncompress.layers.cp_conv import CPConv2d
 from tncompress.layers.lowrank_linear import LowRankLinear
+from tncompress.layers.prodsum_conv import ProdSumConv2d
 from tncompress.layers.prodsum_linear import ProdSumLinear
 from tncompress.layers.tt_linear import TTLinear
 from tncompress.layers.tucker_conv import Tucker2Conv2d
@@ -18,6 +19,7 @@ LAYER_CLASSES: dict[str, type[FactorizedLayer]] = {
     "cp": CPConv2d,
     "tucker2": Tucker2Conv2d,
     "prodsum": ProdSumLinear,
+    "prodsum_conv": ProdSumConv2d,  # Python API / checkpoints; recipes apply prodsum to Linear layers
 }
 
 
@@ -30,5 +32,5 @@ def build_layer(method: str, config: dict[str, Any]) -> nn.Module:
     return cls(**config)
 
 
-__all__ = ["FactorizedLayer", "TTLinear", "LowRankLinear", "CPConv2d", "Tucker2Conv2d", "ProdSumLinear",
+__all__ = ["FactorizedLayer", "TTLinear", "LowRankLinear", "CPConv2d", "Tucker2Conv2d", "ProdSumLinear", "ProdSumConv2d",
            "LAYER_CLASSES", "build_layer"]
