@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import tempfile
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +174,7 @@ def _read(path: Path, trust_pickle: bool) -> Any:
         raise CheckpointError(f"{path}: not readable (permissions)")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
+    _check_zip_integrity(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -194,6 +196,21 @@ def _read(path: Path, trust_pickle: bool) -> Any:
             "pass --import path/to/model_def.py that defines it") from exc
     except Exception as exc:
         raise CheckpointError(f"{path}: unpickling failed ({type(exc).__name__}: {_first_line(exc)})") from exc
+
+
+def _check_zip_integrity(path: Path) -> None:
+    """torch.load does not verify the CRC-32 that every member of a zip checkpoint carries, so a
+    damaged file would load with silently wrong weights; check them (one extra read of the file)."""
+    if not zipfile.is_zipfile(path):
+        return  # legacy format, or damaged beyond recognition: torch.load reports it
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise CheckpointError(f"{path}: corrupted checkpoint ({_first_line(exc)})") from exc
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupted checkpoint: {bad} fails its CRC-32 check "
+                              "(the file was damaged after it was written)")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

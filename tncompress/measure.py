@@ -93,4 +93,14 @@ def parse_shape(text: str | Sequence[int]) -> list[int]:
     parts = re.split(r"[,x×]", text.replace(" ", ""))
     if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise TncompressError(f"input shape {text!r}: expected positive integers like 1,3,32,32")
-    return [int(p) for p in parts]
+    shape = [int(p) for p in parts]
+    per_sample = 1
+    for size in shape[1:]:
+        per_sample *= size
+    if per_sample > MAX_SAMPLE_ELEMENTS:
+        raise TncompressError(f"input shape {text!r}: {per_sample:,} values per sample is more than the "
+                              f"{MAX_SAMPLE_ELEMENTS:,} tncompress accepts (is a dimension mistyped?)")
+    return shape
+
+
+MAX_SAMPLE_ELEMENTS = 1 << 28  # 1 GiB of float32 per sample: beyond that, a typo rather than a model input
