@@ -1,5 +1,5 @@
-"""Layer speed: TTLinear at the VGG-16 fc6 shape against nn.Linear, and CP / Tucker-2 against dense
-convolutions at ResNet-18 shapes, on CPU or CUDA. Medians of repeated runs after warm-up; on CUDA,
+"""Layer speed: TTLinear at the VGG-16 fc6 shape against nn.Linear and tensorly-torch's TT layer, on
+CPU or CUDA (the conv layers are in conv_speed.py). Medians of repeated runs after warm-up; on CUDA,
 timed with CUDA events. Writes JSON and a Markdown table.
 
     python benchmarks/layer_speed.py --device cpu --out docs/layer-speed-cpu
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -17,14 +16,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from tncompress.layers import CPConv2d, TTLinear, Tucker2Conv2d
+from bench_common import machine_info
+from tncompress.layers import TTLinear
 from tncompress.measure import count_macs, count_params
 
 FC6 = dict(in_features=25088, out_features=4096, in_modes=[2, 7, 8, 8, 7, 4], out_modes=[4, 4, 4, 4, 4, 4])
-# (cin, cout, stride, input H=W) of ResNet-18's 3×3 convs at 224×224 input
-R18_CONVS = [(64, 64, 1, 56), (64, 128, 2, 56), (128, 128, 1, 28), (128, 256, 2, 28), (256, 256, 1, 14),
-             (256, 512, 2, 14), (512, 512, 1, 7)]
 
 
 def timer(device: str) -> Callable[[Callable[[], object], int, int], float]:
@@ -56,6 +54,31 @@ def fwd(layer: nn.Module, x: torch.Tensor) -> Callable[[], object]:
         with torch.inference_mode():
             return layer(x)
     return f
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces (the peak a forward can reach beyond its input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def largest_tensor_mb(layer: nn.Module, x: torch.Tensor) -> float:
+    """MB of the largest tensor made by one inference forward (after warm-up, so cached merged cores
+    are not recounted) — for fc6 the dense W alone would be 411 MB."""
+    with torch.inference_mode():
+        layer(x)
+        with LargestTensor() as mode:
+            layer(x)
+    return mode.largest * x.element_size() / 1e6
 
 
 def fwd_bwd(layer: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -96,8 +119,7 @@ def main() -> None:
     device = args.device
     measure = timer(device)
     torch.manual_seed(0)
-    info = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": str(torch.__version__)}
+    info = machine_info(device)
     info["gemm_gflops"] = round(gemm_rate(device, measure), 1)
     rows = []
     dense = nn.Linear(FC6["in_features"], FC6["out_features"]).to(device)
@@ -108,12 +130,14 @@ def main() -> None:
         base_f = measure(fwd(dense, x))
         base_fb = measure(fwd_bwd(dense, xg), 2, 7)
         rows.append({"layer": "fc6 nn.Linear", "rank": None, "batch": batch, "params": count_params(dense),
-                     "macs": count_macs(dense, x).total, "fwd_ms": base_f, "fwd_bwd_ms": base_fb})
+                     "macs": count_macs(dense, x).total, "fwd_ms": base_f, "fwd_bwd_ms": base_fb,
+                     "largest_tensor_mb": largest_tensor_mb(dense, x)})
         for rank in (1, 2, 4, 8):
             tt = TTLinear(**FC6, ranks=rank).to(device)
             f, fb = measure(fwd(tt, x)), measure(fwd_bwd(tt, xg), 2, 7)
             row = {"layer": "fc6 TTLinear", "rank": rank, "batch": batch, "params": count_params(tt),
                    "macs": count_macs(tt, x).total, "fwd_ms": f, "fwd_bwd_ms": fb,
+                   "largest_tensor_mb": largest_tensor_mb(tt, x),
                    "speedup_fwd": base_f / f, "speedup_fwd_bwd": base_fb / fb}
             peer = peer_tt_linear(rank)
             if peer is not None:
@@ -121,54 +145,33 @@ def main() -> None:
                 assert count_params(peer) == row["params"], "peer and tncompress must have the same TT structure"
                 row["peer_fwd_ms"] = measure(fwd(peer, x))
                 row["peer_fwd_bwd_ms"] = measure(fwd_bwd(peer, xg), 2, 7)
+                row["peer_largest_tensor_mb"] = largest_tensor_mb(peer, x)
             rows.append(row)
-    conv_rows = []
-    batch = 64 if device == "cuda" else 8
-    for cin, cout, stride, hw in R18_CONVS:
-        conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1).to(device)
-        x = torch.randn(batch, cin, hw, hw, device=device)
-        base = measure(fwd(conv, x))
-        entry = {"shape": f"{cin}→{cout}, stride {stride}, {hw}×{hw} input", "batch": batch, "dense_ms": base,
-                 "dense_macs": count_macs(conv, x).total}
-        for name, layer in (("cp", CPConv2d(cin, cout, 3, rank=max(1, int(0.3 * cout * cin * 9 / (cin + cout + 9))),
-                                            stride=stride, padding=1)),
-                            ("tucker2", Tucker2Conv2d(cin, cout, 3, ranks=(max(1, cin // 2), max(1, cout // 2)),
-                                                      stride=stride, padding=1))):
-            layer = layer.to(device)
-            ms = measure(fwd(layer, x))
-            entry[f"{name}_ms"] = ms
-            entry[f"{name}_macs"] = count_macs(layer, x).total
-            entry[f"{name}_speedup"] = base / ms
-            entry[f"{name}_mac_ratio"] = entry["dense_macs"] / entry[f"{name}_macs"]
-        conv_rows.append(entry)
-
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"info": info, "linear": rows, "conv": conv_rows}, indent=2))
-    lines = [f"# Layer speed on {info['device']} ({device}, {info['threads']} threads, torch {info['torch']})", "",
+    out.with_suffix(".json").write_text(json.dumps({"info": info, "linear": rows}, indent=2))
+    lines = [f"# TT layer speed ({info['summary']})", "",
              f"float32; medians after warm-up{' (CUDA events)' if device == 'cuda' else ''}. Measured GEMM rate "
              f"{info['gemm_gflops']} GFLOP/s; 'floor' = MACs·2 / that rate. Generated by `benchmarks/layer_speed.py`.", "",
              "## VGG-16 fc6 (25,088 → 4,096), TT modes 2·7·8·8·7·4 → 4^6", "",
              "Speed-ups are against `nn.Linear`; 'vs peer' is tensorly-torch 0.5's `FactorizedLinear` "
              "(blocktt, factorized) with the same modes and ranks (same parameter count, checked), same run.", "",
-             "| layer | rank | batch | params | MACs | fwd ms | fwd+bwd ms | fwd speed-up | fwd+bwd speed-up | "
-             "time / floor | peer fwd ms | fwd vs peer | peer fwd+bwd ms | fwd+bwd vs peer |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "'largest tensor' is the biggest tensor one forward makes (MB; the dense fc6 W is 411 MB): the "
+             "TT forward never forms W.", "",
+             "| layer | rank | batch | params | MACs | fwd ms | GFLOP/s | floor ms | time / floor | largest tensor MB | "
+             "fwd+bwd ms | fwd speed-up | fwd+bwd speed-up | peer fwd ms | fwd vs peer | peer fwd+bwd ms | "
+             "fwd+bwd vs peer | peer largest tensor MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         floor = 2 * r["macs"] / (info["gemm_gflops"] * 1e9) * 1e3
         peer = (f"{r['peer_fwd_ms']:.3f} | {r['peer_fwd_ms'] / r['fwd_ms']:.1f}× | {r['peer_fwd_bwd_ms']:.3f} | "
-                f"{r['peer_fwd_bwd_ms'] / r['fwd_bwd_ms']:.1f}×") if "peer_fwd_ms" in r else "– | – | – | –"
+                f"{r['peer_fwd_bwd_ms'] / r['fwd_bwd_ms']:.1f}× | {r['peer_largest_tensor_mb']:.1f}"
+                ) if "peer_fwd_ms" in r else "– | – | – | – | –"
+        gflops = 2 * r["macs"] / (r["fwd_ms"] * 1e-3) / 1e9
         lines.append(f"| {r['layer']} | {r['rank'] or '–'} | {r['batch']} | {r['params']:,} | {r['macs']:,} | "
-                     f"{r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r.get('speedup_fwd', 1.0):.1f}× | "
-                     f"{r.get('speedup_fwd_bwd', 1.0):.1f}× | {r['fwd_ms'] / floor:.1f} | {peer} |")
-    lines += ["", f"## ResNet-18 3×3 convolutions (224×224 model input), batch {batch}: dense vs CP (30% params, 3conv) "
-              "vs Tucker-2 (half the channels)", "",
-              "| shape | dense ms | CP ms | CP speed-up | CP MAC ratio | Tucker-2 ms | Tucker-2 speed-up | Tucker-2 MAC ratio |",
-              "|---|---|---|---|---|---|---|---|"]
-    for c in conv_rows:
-        lines.append(f"| {c['shape']} | {c['dense_ms']:.3f} | {c['cp_ms']:.3f} | {c['cp_speedup']:.2f}× | "
-                     f"{c['cp_mac_ratio']:.2f}× | {c['tucker2_ms']:.3f} | {c['tucker2_speedup']:.2f}× | "
-                     f"{c['tucker2_mac_ratio']:.2f}× |")
+                     f"{r['fwd_ms']:.3f} | {gflops:.0f} | {floor:.3f} | {r['fwd_ms'] / floor:.1f} | "
+                     f"{r['largest_tensor_mb']:.1f} | {r['fwd_bwd_ms']:.3f} | {r.get('speedup_fwd', 1.0):.1f}× | "
+                     f"{r.get('speedup_fwd_bwd', 1.0):.1f}× | {peer} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
