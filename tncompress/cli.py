@@ -187,6 +187,23 @@ def _totals_line(plan, model_params_before: int) -> str:
             f"({macs_change:+.1f}%)")
 
 
+def _print_budget(summary: dict[str, Any] | None) -> None:
+    """The recipe budget's outcome: target against achieved, and what the allocation gained."""
+    if not summary:
+        return
+    unit = "params" if summary["metric"] == "params" else "MACs"
+    how = "uniform per-layer fractions (they did better here)" if summary["used_uniform"] else "measured sensitivity"
+    console.print(f"budget {summary['metric']}_ratio {summary['target_ratio']:g}: achieved "
+                  f"{summary['achieved_ratio']:.4f} ({summary['achieved']:,} of {summary['total']:,} {unit}, whole model); "
+                  f"ranks by {how} (a rank in the recipe is ignored): Σ Δerr² {summary['objective']:.4g} vs "
+                  f"{summary['uniform_objective']:.4g} for uniform fractions, where Δerr is the relative "
+                  f"{'model' if summary['sensitivity'] == 'model' else 'layer'} output error with only that layer "
+                  f"replaced; all layers together: model output error {summary['model_output_error']:.3g}; "
+                  f"scan {summary['scan_seconds']:.1f} s ({summary['measured']} of {summary['candidates']} candidate "
+                  f"ranks measured over {summary['layers']} layers, {summary['calibration_samples']} calibration samples)",
+                  highlight=False)
+
+
 def _plan_json(plan, extra: dict[str, Any]) -> str:
     return json.dumps({**extra, "layers": [p.to_dict() for p in plan]}, indent=2, default=str)
 
@@ -215,12 +232,15 @@ def plan(
     loaded = _load(checkpoint, arch, arch_args, imports, trust_pickle, input_shape)
     shape = _input_shape(loaded, input_shape)
     layers = make_plan(loaded.model, rec, shape)
+    budget = getattr(layers, "budget", None)
     if as_json:
-        sys.stdout.write(_plan_json(layers, {"input": str(checkpoint), "recipe": str(recipe), "input_shape": shape}) + "\n")
+        sys.stdout.write(_plan_json(layers, {"input": str(checkpoint), "recipe": str(recipe), "input_shape": shape,
+                                             **({"budget": budget} if budget else {})}) + "\n")
         return
     console.print(_plan_table(layers, f"Plan for {checkpoint} with {recipe} (input {shape})"))
     _print_notes(layers)
     console.print(_totals_line(layers, count_params(loaded.model)))
+    _print_budget(budget)
 
 
 @app.command()
@@ -258,10 +278,11 @@ def decompose(
     shape = _input_shape(loaded, input_shape)
     model = loaded.model
     params_before = count_params(model)
-    layers = make_plan(model, rec, shape)
     calib = calibration_settings(rec)
     param = next(model.parameters())
     batch = calibration_batch(shape, calib["batch_size"], calib["seed"], dtype=param.dtype, device=param.device)
+    layers = make_plan(model, rec, shape, batch)
+    budget = getattr(layers, "budget", None)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=False, disable=as_json) as progress:
         todo = sum(p.action == "decompose" for p in layers)
@@ -291,15 +312,18 @@ def decompose(
                                               "recipe_path": str(recipe), "recipe_sha256": file_sha256(recipe),
                                               "recipe_overrides": list(overrides or []), "seed": calib["seed"],
                                               "model_output_error": model_error, "bound_violations": problems,
-                                              "calibration": {**calib, "input_shape": shape, "kind": "gaussian noise"}})
+                                              "calibration": {**calib, "input_shape": shape, "kind": "gaussian noise"},
+                                              **({"budget": budget} if budget else {})})
     if as_json:
         sys.stdout.write(_plan_json(layers, {"input": str(checkpoint), "output": str(output), "input_shape": shape,
-                                             "model_output_error": model_error}) + "\n")
+                                             "model_output_error": model_error,
+                                             **({"budget": budget} if budget else {})}) + "\n")
         return
     console.print(_plan_table(layers, f"Decomposed {checkpoint} → {output} (errors: relative Frobenius norm; "
                                       f"output error on a calibration batch of {calib['batch_size']})"))
     _print_notes(layers)
     console.print(_totals_line(layers, params_before))
+    _print_budget(budget)
     if model_error is not None:
         console.print(f"model output error on the calibration batch: {model_error:.3g} (relative)")
     console.print(f"wrote {output}")

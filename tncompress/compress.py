@@ -32,6 +32,7 @@ class DecomposeResult:
     model: nn.Module
     plan: list[LayerPlan]
     calibration: dict[str, Any] = field(default_factory=dict)
+    budget: dict[str, Any] | None = None   # the recipe budget's allocation summary (tncompress.budget)
 
     @property
     def layers(self) -> list[dict[str, Any]]:
@@ -251,16 +252,18 @@ def decompose(model: nn.Module, recipe: Recipe, *, input_shape: Sequence[int],
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
-    plan = make_plan(model, recipe, input_shape)
     calib = calibration_settings(recipe)
+    kind = "gaussian noise" if calibration_input is None else "given batch"
     if calibration_input is None:
         param = next(model.parameters(), None)
         calibration_input = calibration_batch(input_shape, calib["batch_size"], calib["seed"],
                                               dtype=param.dtype if param is not None else torch.float32,
                                               device=param.device if param is not None else "cpu")
+    plan = make_plan(model, recipe, input_shape, calibration_input)  # a budget measures sensitivities on it
     reference = reference_output(model, calibration_input)
     apply_plan(model, plan, calibration_input, progress, max_output_error=calib.get("max_output_error"))
     model_error = model_output_error(model, calibration_input, reference)
     problems = check_error_bounds(plan, calib, model_error, allow_error=allow_error, source=recipe.source)
-    return DecomposeResult(model, plan, {**calib, "input_shape": list(input_shape), "kind": "gaussian noise",
-                                         "model_output_error": model_error, "bound_violations": problems})
+    return DecomposeResult(model, plan, {**calib, "input_shape": list(input_shape), "kind": kind,
+                                         "model_output_error": model_error, "bound_violations": problems},
+                           budget=getattr(plan, "budget", None))

@@ -47,6 +47,7 @@ class LayerPlan:
     output_rel_error: float | None = None
     seconds: float | None = None
     notes: list[str] = field(default_factory=list)
+    budget: dict[str, Any] | None = None  # with a recipe budget: candidates, measured sensitivity, scan time
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -389,8 +390,16 @@ def plan_layer(choice: LayerChoice, module: nn.Module, shapes: tuple[list[int], 
     return plan
 
 
-def make_plan(model: nn.Module, recipe: Recipe, input_shape: Sequence[int]) -> list[LayerPlan]:
-    """Match the recipe to ``model`` and resolve every decomposable layer into a :class:`LayerPlan`."""
+def make_plan(model: nn.Module, recipe: Recipe, input_shape: Sequence[int],
+              calibration_input: torch.Tensor | None = None) -> list[LayerPlan]:
+    """Match the recipe to ``model`` and resolve every decomposable layer into a :class:`LayerPlan`.
+
+    With a recipe ``budget``, the ranks come from :func:`tncompress.budget.apply_budget`, which
+    measures sensitivities on ``calibration_input`` (default: the recipe's Gaussian batch).
+    """
+    budget_choice = None
+    if getattr(recipe, "budget", None):
+        from tncompress.budget import budget_choice
     candidates = list(candidate_layers(model))
     pairs = [(name, type_name(module) or "") for name, module, _ in candidates]
     choices = match_layers(recipe, pairs)
@@ -405,6 +414,11 @@ def make_plan(model: nn.Module, recipe: Recipe, input_shape: Sequence[int]) -> l
                               shapes.get(name), recipe.source)
             plan.reason = blocked
         else:
-            plan = plan_layer(choice, module, shapes.get(name), recipe.source)
+            plan = plan_layer(budget_choice(choice) if budget_choice else choice, module, shapes.get(name),
+                              recipe.source)
         plans.append(plan)
+    if budget_choice is not None:
+        from tncompress.budget import apply_budget
+
+        return apply_budget(model, plans, recipe, input_shape, calibration_input)
     return plans

@@ -41,7 +41,8 @@ METHOD_KEYS: dict[str, frozenset[str]] = {
 # settings every method accepts: a bound on the layer's relative output error on the calibration batch
 COMMON_SETTING_KEYS = frozenset({"max_output_error"})
 ALL_SETTING_KEYS = frozenset({"method"}).union(*METHOD_KEYS.values(), COMMON_SETTING_KEYS)
-TOP_KEYS = frozenset({"version", "defaults", "layers", "exclude", "calibration"})
+TOP_KEYS = frozenset({"version", "defaults", "layers", "exclude", "calibration", "budget"})
+BUDGET_KEYS = frozenset({"params_ratio", "macs_ratio", "sensitivity", "candidates", "cp_iterations"})
 CALIBRATION_KEYS = frozenset({"batch_size", "seed", "max_output_error", "max_model_error"})
 ERROR_BOUND_KEYS = frozenset({"max_output_error", "max_model_error"})
 TIER_RANK = {"defaults": 0, "type": 1, "pattern": 2, "regex": 2, "name": 3}
@@ -84,6 +85,7 @@ class Recipe:
     rules: list[Rule] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)
+    budget: dict[str, Any] | None = None   # global rank budget (see tncompress.budget)
     source: str = "<recipe>"
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -214,7 +216,36 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
         elif not isinstance(v, int) or isinstance(v, bool) or v < (1 if k == "batch_size" else 0):
             raise RecipeError(f"{_where(source, f'calibration.{k}')}: expected a {'positive' if k == 'batch_size' else 'non-negative'} integer, got {v!r}")
     recipe.calibration = dict(calibration)
+    if data.get("budget") is not None:
+        recipe.budget = _check_budget(source, data["budget"])
     return recipe
+
+
+def _check_budget(source: str, budget: Any) -> dict[str, Any]:
+    """``budget: {params_ratio: r}`` or ``{macs_ratio: r}`` with r in (0, 1], plus optional
+    ``sensitivity`` (model / layer), ``candidates`` (ranks measured per layer), ``cp_iterations``."""
+    where = _where(source, "budget")
+    if not isinstance(budget, dict):
+        raise RecipeError(f"{where}: expected a mapping such as {{params_ratio: 0.1}} or {{macs_ratio: 0.5}}")
+    for k in budget:
+        if k not in BUDGET_KEYS:
+            hint = difflib.get_close_matches(str(k), sorted(BUDGET_KEYS), n=1)
+            raise RecipeError(f"{where}: unknown key {k!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
+                              f"allowed: {', '.join(sorted(BUDGET_KEYS))}")
+    targets = [k for k in ("params_ratio", "macs_ratio") if k in budget]
+    if len(targets) != 1:
+        raise RecipeError(f"{where}: give exactly one of params_ratio or macs_ratio"
+                          f"{' (not both)' if targets else ''}, e.g. budget: {{params_ratio: 0.1}}")
+    ratio = budget[targets[0]]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise RecipeError(f"{where}.{targets[0]}: expected a number in (0, 1] (compressed / original), got {ratio!r}")
+    if budget.get("sensitivity", "model") not in ("model", "layer"):
+        raise RecipeError(f"{where}.sensitivity: expected 'model' or 'layer', got {budget['sensitivity']!r}")
+    for k, low in (("candidates", 2), ("cp_iterations", 1)):
+        v = budget.get(k, low)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise RecipeError(f"{where}.{k}: expected an integer ≥ {low}, got {v!r}")
+    return dict(budget)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str = "--set") -> dict[str, Any]:

@@ -1,0 +1,166 @@
+"""Global rank budget: recipe validation, the whole-model ratio within 2% of the target (ResNet-18
+Tucker-2 and the MNIST MLP), unreachable targets, and the allocation against uniform fractions."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tncompress.budget import Budget, BudgetError, allocate, finish, scan_model
+from tncompress.compress import decompose
+from tncompress.errors import RecipeError
+from tncompress.measure import count_macs, count_params
+from tncompress.models import ModelSpec, build_model
+from tncompress.planner import calibration_batch, make_plan
+from tncompress.recipe import parse_recipe
+from tncompress.surgery import apply_structure
+
+from conftest import assert_user_error
+
+R18 = ModelSpec("torchvision:resnet18", {"num_classes": 10})
+MLP = ModelSpec("mlp-1024")
+
+
+def recipe(defaults: dict, budget: dict | None = None, **extra) -> object:
+    data = {"version": 1, "defaults": defaults, **extra}
+    if budget is not None:
+        data["budget"] = budget
+    return parse_recipe(data, source="test.yaml")
+
+
+def structural_ratio(spec: ModelSpec, plan, metric: str, shape: list[int]) -> float:
+    """The ratio counted on a freshly built model with the planned structure (not the planner's sums)."""
+    base, small = build_model(spec), build_model(spec)
+    apply_structure(small, [p.layer_entry for p in plan if p.action == "decompose"])
+    if metric == "params":
+        return count_params(small) / count_params(base)
+    x = torch.zeros(shape)
+    return count_macs(small, x).total / count_macs(base, x).total
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({}, "exactly one of params_ratio or macs_ratio"),
+    ({"params_ratio": 0.1, "macs_ratio": 0.5}, "not both"),
+    ({"params_ratio": 0}, "(0, 1]"),
+    ({"params_ratio": 1.5}, "(0, 1]"),
+    ({"params_ratio": True}, "(0, 1]"),
+    ({"macs_ratio": 0.5, "sensitivity": "loss"}, "'model' or 'layer'"),
+    ({"params_ratio": 0.5, "candidates": 1}, "candidates"),
+    ({"params_ratio": 0.5, "param_ratio": 0.5}, "did you mean"),
+    (0.1, "expected a mapping"),
+])
+def test_budget_validation_is_one_line(bad, needle):
+    with pytest.raises(RecipeError) as info:
+        recipe({"Linear": {"method": "lowrank"}}, bad)
+    message = str(info.value)
+    assert needle in message and "\n" not in message and message.startswith("test.yaml: budget")
+
+
+def test_budget_parses():
+    rec = recipe({"Linear": {"method": "lowrank"}}, {"macs_ratio": 0.5, "sensitivity": "layer", "candidates": 4})
+    b = Budget.from_mapping(rec.budget)
+    assert (b.metric, b.ratio, b.sensitivity, b.candidates) == ("macs", 0.5, "layer", 4)
+
+
+# --- ResNet-18, Tucker-2: one scan, several targets ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def r18_scan():
+    torch.manual_seed(0)
+    model = build_model(R18).eval()
+    shape = [1, 3, 32, 32]
+    rec = recipe({"Conv2d": {"method": "tucker2", "rank": 1, "n_iter": 2}}, exclude=["conv1"])
+    plans = make_plan(model, rec, shape)
+    batch = calibration_batch(shape, 2, 0)
+    # the layer measure keeps this fast (no model forwards); the MLP tests use the default model measure
+    return scan_model(model, plans, Budget("params", 0.5, "layer", candidates=5), shape, batch, "test.yaml")
+
+
+@pytest.mark.parametrize("metric, ratio", [("params", 0.1), ("params", 0.3), ("macs", 0.5), ("macs", 0.25)])
+def test_resnet18_tucker2_meets_the_budget(r18_scan, metric, ratio):
+    allocation = allocate(r18_scan, Budget(metric, ratio, "layer", candidates=5))
+    plan = finish(r18_scan, allocation)
+    achieved = structural_ratio(R18, plan, metric, [1, 3, 32, 32])
+    assert abs(achieved / ratio - 1) <= 0.02, achieved
+    assert plan.budget["achieved_ratio"] == pytest.approx(achieved, rel=1e-9)  # the planner counts what is built
+    assert allocation.objective <= allocation.uniform_objective
+    decided = [p for p in plan if p.budget is not None]
+    assert len(decided) == 19 and all(p.reason.startswith("budget: ") for p in decided)
+    assert all(p.budget["measured"] >= 1 and p.budget["scan_seconds"] >= 0 for p in decided)
+    assert plan[0].name == "conv1" and plan[0].action == "keep"
+
+
+def test_unreachable_budget_is_one_line(r18_scan):
+    with pytest.raises(BudgetError) as info:
+        allocate(r18_scan, Budget("params", 0.0005))
+    assert "cannot be met" in str(info.value) and "\n" not in str(info.value)
+
+
+# --- the MNIST MLP ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method, ratio, candidates", [("lowrank", 0.1, 8), ("lowrank", 0.25, 8), ("tt", 0.1, 5)])
+def test_mlp_meets_the_budget(method, ratio, candidates):
+    torch.manual_seed(0)
+    model = build_model(MLP)
+    rec = recipe({"Linear": {"method": method}}, {"params_ratio": ratio, "candidates": candidates})
+    plan = make_plan(model, rec, [1, 1, 32, 32])
+    achieved = structural_ratio(MLP, plan, "params", [1, 1, 32, 32])
+    assert abs(achieved / ratio - 1) <= 0.02, achieved
+    assert plan.budget["objective"] <= plan.budget["uniform_objective"]
+    assert plan.budget["achieved_ratio"] == pytest.approx(achieved, rel=1e-9)
+
+
+def test_decompose_end_to_end_counts_the_real_model():
+    torch.manual_seed(0)
+    model = build_model(MLP)
+    rec = recipe({"Linear": {"method": "lowrank"}}, {"params_ratio": 0.2, "candidates": 6})
+    result = decompose(model, rec, input_shape=[1, 1, 32, 32])
+    assert abs(count_params(result.model) / count_params(model) / 0.2 - 1) <= 0.02
+    assert result.budget is not None and result.budget["target_ratio"] == 0.2
+
+
+def test_allocation_finds_the_exactly_low_rank_layer():
+    """fc1 is exactly rank 4: the allocation spends little there and much less error than uniform."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                          nn.Linear(256, 10))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(256, 4) @ torch.randn(4, 256) / 16)
+    rec = recipe({"Linear": {"method": "lowrank"}}, {"params_ratio": 0.3, "candidates": 10},
+                 layers=[{"name": "5", "method": "none"}])
+    plan = make_plan(model, rec, [1, 256])
+    by_name = {p.name: p for p in plan}
+    assert 4 <= by_name["1"].ranks <= 16 and by_name["1"].budget["sensitivity"] < 1e-3
+    assert by_name["3"].ranks > 3 * by_name["1"].ranks
+    assert plan.budget["objective"] < 0.7 * plan.budget["uniform_objective"]
+
+
+def test_cp_budget_on_a_small_conv_net():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(64, 10))
+    rec = recipe({"Conv2d": {"method": "cp"}}, {"params_ratio": 0.4, "candidates": 4, "cp_iterations": 5},
+                 exclude=["0"])
+    plan = make_plan(model, rec, [1, 3, 8, 8])
+    assert abs(plan.budget["achieved_ratio"] / 0.4 - 1) <= 0.02
+    assert {p.method for p in plan if p.budget and p.action == "decompose"} == {"cp"}
+
+
+def test_budget_without_decomposed_layers_is_an_error():
+    with pytest.raises(BudgetError, match="nothing to allocate"):
+        make_plan(build_model(MLP), recipe({"Linear": {"method": "none"}}, {"params_ratio": 0.5}), [1, 1, 32, 32])
+
+
+def test_cli_plan_shows_the_allocation_and_unreachable_errors(cli, tmp_path, write_recipe):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "mlp.pt"
+    torch.save(build_model(MLP).state_dict(), ckpt)
+    good = write_recipe("version: 1\ndefaults:\n  Linear: {method: lowrank}\nbudget: {params_ratio: 0.2, candidates: 4}\n")
+    res = cli("plan", ckpt, "--arch", "mlp-1024", "-r", good)
+    assert res.exit_code == 0, res.output
+    assert "budget params_ratio 0.2: achieved 0.19" in res.stdout or "achieved 0.20" in res.stdout
+    assert "Δerr" in res.stdout
+    only_fc1 = write_recipe("version: 1\nlayers:\n  - {name: fc1, method: lowrank}\nbudget: {params_ratio: 0.1}\n",
+                            "fc1.yaml")
+    assert_user_error(cli("plan", ckpt, "--arch", "mlp-1024", "-r", only_fc1), "cannot be met", "params_ratio 0.1")

@@ -1,0 +1,701 @@
+"""Global rank budget: choose the rank of every layer a recipe decomposes so that the whole model
+meets ``params_ratio`` (or ``macs_ratio``) at the least measured sensitivity.
+
+1. **Ladder.** For each layer, every rank configuration that compresses it, ordered by size:
+   low-rank r = 1, 2, …; CP R = 1, 2, …; Tucker-2 (r_in, r_out) grown one step at a time with the
+   ranks proportional to the channel counts; TT uniform rank r, reached one bond at a time (so the
+   steps are small). Plus "leave dense". Parameters come from closed forms, MACs from the layer
+   classes (exactly what the planner reports).
+2. **Scan.** On ``candidates`` rungs per layer (geometric in size, always the smallest and the
+   largest), the layer's weight is approximated and the *whole model's* output on the calibration
+   batch is compared with the dense model's, only that layer replaced: sensitivity
+   s = ‖f(x) − f_i(x)‖² / ‖f(x)‖² (``sensitivity: layer`` uses the layer's own output instead:
+   cheaper, blind to what follows). One decomposition serves every rank where truncation is exact
+   or near it (an SVD for low-rank, the channel bases of a truncated HOSVD for Tucker-2); TT-SVD runs
+   per rank (cheap at the small cores); CP-ALS runs per rank with ``cp_iterations`` sweeps and no
+   retries. Rungs between measured ones are interpolated linearly in size.
+3. **Allocate.** Minimise Σ s_i subject to Σ cost ≤ target: greedy marginal gain on the lower convex
+   hull of each layer's (cost, s) curve (the Lagrangian solution), starting from all-dense.
+4. **Fix-up.** Fill what is left of the budget with the best sensitivity-per-cost moves on the full
+   ladders, so the total — counted over the whole model, layers left alone included — lands within
+   2% of the target (below it when possible); compare with uniform per-layer fractions at the same
+   budget and keep the better; measure the chosen ranks (and all of them together) exactly.
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tncompress.decompositions.ranks import cp_params, tucker2_params
+from tncompress.decompositions.tucker2 import small_lapack
+from tncompress.decompositions.tt import max_tt_ranks, tt_matrix_svd, tt_matrix_to_full, tt_param_count
+from tncompress.errors import RecipeError
+from tncompress.layers import LAYER_CLASSES
+from tncompress.planner import (LayerPlan, calibration_batch, calibration_settings, factorized_macs,
+                                plan_layer)
+from tncompress.recipe import LayerChoice, Recipe
+
+log = logging.getLogger(__name__)
+
+BUDGET_METHODS = ("tt", "lowrank", "cp", "tucker2")
+TOLERANCE = 0.02          # |achieved / target − 1| allowed
+DEFAULT_CANDIDATES = 12
+DEFAULT_CP_ITERATIONS = 15
+
+
+class BudgetError(RecipeError):
+    """A budget that cannot be met (one line says why)."""
+
+
+@dataclass
+class Budget:
+    """The recipe's ``budget:`` mapping, validated by :func:`tncompress.recipe.parse_recipe`."""
+
+    metric: str                       # "params" or "macs"
+    ratio: float                      # compressed / original, counted over the whole model
+    sensitivity: str = "model"        # "model" (whole-model output error) or "layer" (layer output error)
+    candidates: int = DEFAULT_CANDIDATES
+    cp_iterations: int = DEFAULT_CP_ITERATIONS
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> Budget:
+        metric = "params" if "params_ratio" in data else "macs"
+        return cls(metric, float(data[f"{metric}_ratio"]), str(data.get("sensitivity", "model")),
+                   int(data.get("candidates", DEFAULT_CANDIDATES)), int(data.get("cp_iterations", DEFAULT_CP_ITERATIONS)))
+
+    @property
+    def label(self) -> str:
+        return f"{self.metric}_ratio {self.ratio:g}"
+
+
+class BudgetedPlan(list):
+    """A plan (a list of :class:`LayerPlan`) that also carries the allocation summary in ``budget``."""
+
+    def __init__(self, plans: Sequence[LayerPlan], summary: dict[str, Any]) -> None:
+        super().__init__(plans)
+        self.budget = summary
+
+
+@dataclass
+class Ladder:
+    """One layer's candidate rank configurations, cheapest first; the last rung is "dense"."""
+
+    plan: LayerPlan
+    module: nn.Module
+    ranks: list[Any]                  # the recipe rank value per rung; None for dense
+    params: np.ndarray
+    macs: np.ndarray
+    sens: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    measured: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    seconds: float = 0.0
+
+    def cost(self, metric: str) -> np.ndarray:
+        return self.params if metric == "params" else self.macs
+
+    @property
+    def dense(self) -> int:
+        return len(self.ranks) - 1
+
+    def span(self) -> str:
+        return "–" if self.dense == 0 else f"{self.ranks[0]}..{self.ranks[self.dense - 1]}"
+
+
+# --- recipe hook -----------------------------------------------------------------------------------
+
+def budget_choice(choice: LayerChoice) -> LayerChoice:
+    """The choice with a placeholder rank, for a layer whose rank the budget decides (any rank the
+    recipe gives is ignored; CP then needs none)."""
+    method = choice.settings.get("method")
+    if choice.excluded_by or method not in BUDGET_METHODS:
+        return choice
+    return LayerChoice(choice.name, choice.type_name, {**choice.settings, "rank": 1}, choice.rules,
+                       choice.decided_by, choice.excluded_by)
+
+
+# --- ladders -------------------------------------------------------------------------------------
+
+def _meta_layer(method: str, config: dict[str, Any]) -> nn.Module:
+    with torch.device("meta"):
+        return LAYER_CLASSES[method](**config)
+
+
+def _meta_macs(method: str, config: dict[str, Any], in_shape: Sequence[int]) -> int:
+    return factorized_macs(_meta_layer(method, config), in_shape)
+
+
+def _ladder_lowrank(module: nn.Linear, plan: LayerPlan, want_macs: bool) -> tuple[list[Any], list[int], list[int]]:
+    m, n = module.out_features, module.in_features
+    bias = m if module.bias is not None else 0
+    positions = max(1, plan.macs_before // (m * n))
+    ranks = [r for r in range(1, min(m, n) + 1) if r * (m + n) < m * n]
+    return ranks, [r * (m + n) + bias for r in ranks], [positions * r * (m + n) for r in ranks]
+
+
+def _ladder_cp(module: nn.Conv2d, plan: LayerPlan, want_macs: bool) -> tuple[list[Any], list[int], list[int]]:
+    shape = tuple(module.weight.shape)
+    form = plan.config["form"]
+    per, dense_w = cp_params(shape, 1, form), math.prod(shape)
+    bias = shape[0] if module.bias is not None else 0
+    macs1 = _meta_macs("cp", {**plan.config, "rank": 1}, plan.input_shape or []) if want_macs else 0
+    ranks = [r for r in range(1, dense_w // per + 1) if r * per < dense_w]
+    return ranks, [r * per + bias for r in ranks], [r * macs1 for r in ranks]
+
+
+def _ladder_tucker2(module: nn.Conv2d, plan: LayerPlan, want_macs: bool) -> tuple[list[Any], list[int], list[int]]:
+    shape = tuple(module.weight.shape)
+    cout, cin = shape[0], shape[1]
+    dense_w = math.prod(shape)
+    bias = cout if module.bias is not None else 0
+    pairs: list[tuple[int, int]] = []
+    r_in = r_out = 1
+    while tucker2_params(shape, r_out, r_in) < dense_w:
+        pairs.append((r_in, r_out))
+        if r_in == cin and r_out == cout:
+            break
+        if r_out < cout and (r_in == cin or r_out / cout <= r_in / cin):
+            r_out += 1
+        else:
+            r_in += 1
+    macs: list[int] = [0] * len(pairs)
+    if want_macs and pairs:
+        in_shape = plan.input_shape or []
+
+        def at(ri: int, ro: int) -> int:
+            return _meta_macs("tucker2", {**plan.config, "ranks": [ri, ro]}, in_shape)
+
+        if cin >= 2 and cout >= 2:  # MACs are a·r_in + b·r_in·r_out + c·r_out exactly (three convs)
+            m11, m21, m12 = at(1, 1), at(2, 1), at(1, 2)
+            b = m21 + m12 - 3 * m11
+            a, c = m21 - m11 - b, m12 - m11 - b
+            macs = [a * ri + b * ri * ro + c * ro for ri, ro in pairs]
+        else:
+            macs = [at(ri, ro) for ri, ro in pairs]
+    return ([list(p) for p in pairs], [tucker2_params(shape, ro, ri) + bias for ri, ro in pairs], macs)
+
+
+def _ladder_tt(module: nn.Linear, plan: LayerPlan, want_macs: bool) -> tuple[list[Any], list[int], list[int]]:
+    out_modes, in_modes = plan.config["out_modes"], plan.config["in_modes"]
+    maxima = max_tt_ranks(out_modes, in_modes)
+    dense_w = module.out_features * module.in_features
+    bias = module.out_features if module.bias is not None else 0
+    ranks: list[list[int]] = []
+    current = [1] * len(maxima)
+    if maxima and tt_param_count(out_modes, in_modes, current) < dense_w:
+        ranks.append(list(current))
+        r = 1
+        growing = True
+        while growing and current != maxima:
+            r += 1
+            for k, mx in enumerate(maxima):  # towards uniform rank r, one bond at a time
+                if min(r, mx) > current[k]:
+                    trial = list(current)
+                    trial[k] = min(r, mx)
+                    if tt_param_count(out_modes, in_modes, trial) >= dense_w:
+                        growing = False
+                        break
+                    current = trial
+                    ranks.append(list(current))
+    params = [tt_param_count(out_modes, in_modes, rk) + bias for rk in ranks]
+    in_shape = plan.input_shape or []
+    macs = ([_meta_macs("tt", {**plan.config, "ranks": rk}, in_shape) for rk in ranks] if want_macs
+            else [0] * len(ranks))
+    return ranks, params, macs
+
+
+LADDERS: dict[str, Callable[[Any, LayerPlan, bool], tuple[list[Any], list[int], list[int]]]] = {
+    "lowrank": _ladder_lowrank, "cp": _ladder_cp, "tucker2": _ladder_tucker2, "tt": _ladder_tt,
+}
+
+
+def build_ladder(module: nn.Module, plan: LayerPlan, want_macs: bool = True) -> Ladder:
+    """Every compressing rank configuration of one planned layer, plus dense as the last rung."""
+    ranks, params, macs = LADDERS[plan.method](module, plan, want_macs)
+    ranks = [*ranks, None]
+    params = np.array([*params, plan.params_before], dtype=np.int64)
+    macs = np.array([*macs, plan.macs_before], dtype=np.int64)
+    return Ladder(plan, module, ranks, params, macs, np.full(len(ranks), np.nan), np.zeros(len(ranks), dtype=bool))
+
+
+def grid_indices(params: np.ndarray, count: int) -> list[int]:
+    """About ``count`` rungs to measure, geometric in size, always the smallest and the largest."""
+    n = len(params)
+    if n <= count:
+        return list(range(n))
+    targets = np.geomspace(max(1, params[0]), params[-1], count)
+    picked = {int(np.argmin(np.abs(params - t))) for t in targets}
+    return sorted(picked | {0, n - 1})
+
+
+# --- sensitivity ---------------------------------------------------------------------------------
+
+def _basis(matrix: torch.Tensor) -> torch.Tensor:
+    """All left singular vectors of ``matrix`` (rows × anything), dominant first, from its Gram matrix."""
+    gram = matrix @ matrix.T
+    with small_lapack(gram.shape[0]):
+        _, vecs = torch.linalg.eigh(0.5 * (gram + gram.T))
+    return vecs.flip(-1)
+
+
+def _tt_round(cores: Sequence[torch.Tensor], caps: Sequence[int]) -> list[torch.Tensor]:
+    """Truncate left-orthonormal TT cores (as TT-SVD returns them) to bond ranks ``caps`` by
+    right-to-left truncated SVDs (TT rounding): the scan then needs one TT-SVD per layer, not one
+    per rank."""
+    out = list(cores)
+    for k in range(len(out) - 1, 0, -1):
+        r0, m, n, r1 = out[k].shape
+        with small_lapack(r0):
+            u, s, vh = torch.linalg.svd(out[k].reshape(r0, m * n * r1), full_matrices=False)
+        r = min(int(caps[k - 1]), s.numel())
+        out[k] = vh[:r].reshape(r, m, n, r1)
+        out[k - 1] = torch.einsum("abcd,de->abce", out[k - 1], u[:, :r] * s[:r])
+    return out
+
+
+def approximations(ladder: Ladder, indices: Sequence[int], budget: Budget) -> Iterator[torch.Tensor]:
+    """The approximated dense weight (float64) at each requested rung, reusing one decomposition
+    where truncating it is exact (low-rank) or the truncated HOSVD (Tucker-2)."""
+    plan, module = ladder.plan, ladder.module
+    w = module.weight.detach().to(torch.float64)
+    method = plan.method
+    if method == "lowrank":
+        from tncompress.decompositions.svd import truncated_svd
+
+        left, right = truncated_svd(w, max(int(ladder.ranks[i]) for i in indices))
+        for i in indices:
+            r = int(ladder.ranks[i])
+            yield left[:, :r] @ right[:r]
+    elif method == "tucker2":
+        cout, cin = w.shape[0], w.shape[1]
+        u_out = _basis(w.reshape(cout, -1))
+        u_in = _basis(w.transpose(0, 1).reshape(cin, -1))
+        # Projections in the layer's dtype (a scan needs no float64): K ≈ U_out·core·U_inᵀ with
+        # core = U_outᵀ·K·U_in, two large products per rank.
+        dtype = module.weight.dtype
+        wk = w.to(dtype).permute(0, 2, 3, 1).reshape(cout, -1, cin)          # (o, hw, i)
+        u_out, u_in = u_out.to(dtype), u_in.to(dtype)
+        for i in indices:
+            r_in, r_out = ladder.ranks[i]
+            po, pi = u_out[:, :r_out], u_in[:, :r_in]
+            core = (po.T @ wk.reshape(cout, -1)).reshape(r_out, -1, cin) @ pi     # (ro, hw, ri)
+            k = (po @ (core @ pi.T).reshape(r_out, -1)).reshape(cout, *w.shape[2:], cin)
+            yield k.permute(0, 3, 1, 2)
+    elif method == "tt":
+        out_modes, in_modes = plan.config["out_modes"], plan.config["in_modes"]
+        top = [max(ladder.ranks[i][k] for i in indices) for k in range(len(ladder.ranks[indices[0]]))]
+        cores = tt_matrix_svd(w, out_modes, in_modes, ranks=top)
+        for i in indices:
+            yield tt_matrix_to_full(_tt_round(cores, ladder.ranks[i])).reshape(w.shape)
+    elif method == "cp":
+        s = plan.settings
+        extra = {k: s[k] for k in ("l2_reg", "engine") if k in s}
+        for i in indices:
+            layer = LAYER_CLASSES["cp"].from_dense(module, rank=int(ladder.ranks[i]), form=plan.config["form"],
+                                                   n_iter_max=budget.cp_iterations, retries=0, **extra)
+            yield layer.to_dense().weight.detach().to(torch.float64)
+    else:  # pragma: no cover - guarded by BUDGET_METHODS
+        raise ValueError(f"no budget ladder for method {method!r}")
+
+
+def _forward_with(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    weight = weight.to(dtype=module.weight.dtype, device=module.weight.device)
+    if isinstance(module, nn.Conv2d):
+        return module._conv_forward(x, weight, module.bias)
+    return F.linear(x, weight, module.bias)
+
+
+def _flat(output: Any) -> torch.Tensor:
+    """A model output (tensor, or nested tuple/list/dict of tensors) as one float64 vector."""
+    if isinstance(output, torch.Tensor):
+        return output.detach().reshape(-1).to(torch.float64)
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        parts = [_flat(o) for o in output]
+        parts = [p for p in parts if p.numel()]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    return torch.zeros(0, dtype=torch.float64)
+
+
+def _sq_rel(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    denom = float(reference.pow(2).sum())
+    diff = float((reference - approx).pow(2).sum())
+    if not math.isfinite(diff):
+        return math.inf
+    return diff / denom if denom > 0 else diff
+
+
+class _Probe:
+    """Runs the model with some layers' weights replaced (forward hooks), against the dense output."""
+
+    def __init__(self, model: nn.Module, batch: torch.Tensor, modules: dict[str, nn.Module]) -> None:
+        self.model, self.batch = model, batch
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.shapes: dict[str, tuple[list[int], list[int]]] = {}  # per sample: batch dimension 1
+        handles = []
+        for name, module in modules.items():
+            def hook(mod: nn.Module, args: tuple, out: Any, _name: str = name) -> None:
+                if _name not in self.inputs:
+                    self.inputs[_name], self.outputs[_name] = args[0].detach(), out.detach()
+                    self.shapes[_name] = ([1, *args[0].shape[1:]], [1, *out.shape[1:]])
+            handles.append(module.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                self.reference = _flat(model(batch))
+        finally:
+            for h in handles:
+                h.remove()
+
+    def model_error(self, replaced: dict[str, tuple[nn.Module, torch.Tensor]]) -> float:
+        handles = []
+        for name, (module, weight) in replaced.items():
+            def hook(mod: nn.Module, args: tuple, out: Any, _w: torch.Tensor = weight) -> torch.Tensor:
+                return _forward_with(mod, args[0], _w)
+            handles.append(module.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                out = _flat(self.model(self.batch))
+        finally:
+            for h in handles:
+                h.remove()
+        return _sq_rel(self.reference, out)
+
+    def layer_error(self, name: str, module: nn.Module, weight: torch.Tensor) -> float:
+        with torch.no_grad():
+            y = _forward_with(module, self.inputs[name], weight)
+        return _sq_rel(self.outputs[name].reshape(-1).double(), y.reshape(-1).double())
+
+
+def scan(ladder: Ladder, probe: _Probe, budget: Budget) -> None:
+    """Measure the sensitivity on the grid rungs and interpolate the others (in place)."""
+    started = time.perf_counter()
+    name, module = ladder.plan.name, ladder.module
+    compressing = list(range(ladder.dense))
+    grid = grid_indices(ladder.params[: ladder.dense], budget.candidates) if compressing else []
+    for i, weight in zip(grid, approximations(ladder, grid, budget)):
+        s = (probe.model_error({name: (module, weight)}) if budget.sensitivity == "model"
+             else probe.layer_error(name, module, weight))
+        ladder.sens[i], ladder.measured[i] = s, True
+    ladder.sens[ladder.dense], ladder.measured[ladder.dense] = 0.0, True
+    known = np.flatnonzero(ladder.measured)
+    finite = np.where(np.isfinite(ladder.sens[known]), ladder.sens[known], 1e6)
+    ladder.sens = np.interp(ladder.params.astype(np.float64), ladder.params[known].astype(np.float64), finite)
+    ladder.seconds = time.perf_counter() - started
+    log.info("budget scan %s (%s): %d rungs, %d measured in %.2fs", name, ladder.plan.method, len(ladder.ranks),
+             len(grid), ladder.seconds)
+
+
+# --- allocation ----------------------------------------------------------------------------------
+
+def lower_hull(cost: np.ndarray, sens: np.ndarray) -> list[int]:
+    """Indices of the lower convex hull of the (cost, sensitivity) points with no dominated point,
+    from the cheapest to the most expensive useful one."""
+    order = np.lexsort((sens, cost))
+    kept: list[int] = []
+    best = math.inf
+    for i in order:
+        if sens[i] < best - 1e-15 or not kept:
+            kept.append(int(i))
+            best = float(sens[i])
+    hull: list[int] = []
+    for i in kept:
+        while len(hull) >= 2:
+            o, a = hull[-2], hull[-1]
+            cross = (cost[a] - cost[o]) * (sens[i] - sens[o]) - (sens[a] - sens[o]) * (cost[i] - cost[o])
+            if cross <= 0:
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return hull
+
+
+def greedy_allocate(costs: list[np.ndarray], sens: list[np.ndarray], room: float) -> list[int]:
+    """Rung per layer with Σ cost ≤ ``room`` (when reachable), by marginal gain on the convex hulls,
+    then filled up with the best sensitivity-per-cost moves on the full ladders."""
+    hulls = [lower_hull(c, s) for c, s in zip(costs, sens)]
+    pos = [len(h) - 1 for h in hulls]
+    choice = [h[-1] for h in hulls]
+    total = float(sum(c[i] for c, i in zip(costs, choice)))
+    heap: list[tuple[float, int]] = []
+
+    def push(layer: int) -> None:
+        if pos[layer] > 0:
+            h, c, s = hulls[layer], costs[layer], sens[layer]
+            cur, prev = h[pos[layer]], h[pos[layer] - 1]
+            saved = float(c[cur] - c[prev])
+            heapq.heappush(heap, ((float(s[prev] - s[cur])) / max(saved, 1e-12), layer))
+
+    for layer in range(len(hulls)):
+        push(layer)
+    while total > room and heap:
+        _, layer = heapq.heappop(heap)
+        h = hulls[layer]
+        total -= float(costs[layer][h[pos[layer]]] - costs[layer][h[pos[layer] - 1]])
+        pos[layer] -= 1
+        choice[layer] = h[pos[layer]]
+        push(layer)
+    return fill_up(costs, sens, choice, room)
+
+
+def fill_up(costs: list[np.ndarray], sens: list[np.ndarray], choice: list[int], room: float) -> list[int]:
+    """Spend what is left of ``room``: repeatedly take the move (one layer to a larger rung) with the
+    largest sensitivity decrease per unit cost that still fits."""
+    choice = list(choice)
+    total = float(sum(c[i] for c, i in zip(costs, choice)))
+    while True:
+        gap = room - total
+        best: tuple[float, int, int] | None = None
+        for layer, (c, s) in enumerate(zip(costs, sens)):
+            cur = choice[layer]
+            extra = c - c[cur]
+            ok = (extra > 0) & (extra <= gap) & (s < s[cur])
+            if not ok.any():
+                continue
+            gain = np.where(ok, (s[cur] - s) / np.maximum(extra, 1), -np.inf)
+            j = int(np.argmax(gain))
+            if best is None or gain[j] > best[0]:
+                best = (float(gain[j]), layer, j)
+        if best is None:
+            return choice
+        _, layer, j = best
+        total += float(costs[layer][j] - costs[layer][choice[layer]])
+        choice[layer] = j
+
+
+def uniform_allocate(costs: list[np.ndarray], room: float) -> list[int]:
+    """The same fraction f of each layer's dense cost (the largest rung within it), with the largest
+    f whose total fits ``room``: the baseline the allocation must beat."""
+    def pick(f: float) -> list[int]:
+        out = []
+        for c in costs:
+            fits = np.flatnonzero(c[:-1] <= f * c[-1])
+            out.append(int(fits[-1]) if fits.size else 0)
+        return out
+
+    def total(ch: list[int]) -> float:
+        return float(sum(c[i] for c, i in zip(costs, ch)))
+
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        if total(pick(mid)) <= room:
+            lo = mid
+        else:
+            hi = mid
+    return pick(lo)
+
+
+def objective(sens: list[np.ndarray], choice: list[int]) -> float:
+    return float(sum(s[i] for s, i in zip(sens, choice)))
+
+
+# --- the recipe entry point ----------------------------------------------------------------------
+
+@dataclass
+class BudgetScan:
+    """Everything measured once per model and calibration batch; :func:`allocate` can then be run
+    for any number of targets."""
+
+    model: nn.Module
+    plans: list[LayerPlan]
+    todo: list[int]                   # indices into ``plans`` of the layers the budget decides
+    ladders: list[Ladder]
+    totals: dict[str, int]            # whole model: {"params": …, "macs": …}
+    probe: _Probe
+    budget: Budget
+    source: str = "<recipe>"
+    has_macs: bool = True
+
+    def fixed(self, metric: str) -> int:
+        """Cost of everything the budget does not decide (other layers, norms, biases elsewhere…)."""
+        return self.totals[metric] - sum(int(lad.cost(metric)[-1]) for lad in self.ladders)
+
+
+@dataclass
+class Allocation:
+    """The rung chosen per ladder, and how it compares with uniform fractions."""
+
+    budget: Budget
+    choice: list[int]
+    achieved: float
+    objective: float
+    uniform_objective: float
+    used_uniform: bool
+
+
+def _whole_model_totals(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+    from tncompress.measure import count_macs, count_params
+
+    param = next(model.parameters(), None)
+    example = calibration_batch(input_shape, 1, 0, dtype=param.dtype if param is not None else torch.float32,
+                                device=param.device if param is not None else "cpu")
+    return {"params": count_params(model), "macs": count_macs(model, example).total}
+
+
+def scan_model(model: nn.Module, plans: list[LayerPlan], budget: Budget, input_shape: Sequence[int],
+               calibration_input: torch.Tensor, source: str = "<recipe>") -> BudgetScan:
+    """Build every budget layer's ladder and measure its sensitivities on ``calibration_input``."""
+    todo = [i for i, p in enumerate(plans) if p.action == "decompose" and p.method in BUDGET_METHODS]
+    if not todo:
+        raise BudgetError(f"{source}: budget: the recipe decomposes no layer with tt, lowrank, cp or tucker2, so "
+                          "there is nothing to allocate; add rules with a method")
+    # TT MACs need one layer object per rung (the contraction schedule): only when a MAC budget asks
+    has_macs = budget.metric == "macs" or all(plans[i].method != "tt" for i in todo)
+    ladders = [build_ladder(model.get_submodule(plans[i].name), plans[i], want_macs=has_macs) for i in todo]
+    was_training = model.training
+    model.eval()
+    try:
+        probe = _Probe(model, calibration_input, {lad.plan.name: lad.module for lad in ladders})
+        for lad in ladders:
+            scan(lad, probe, budget)
+    finally:
+        model.train(was_training)
+    return BudgetScan(model, list(plans), todo, ladders, _whole_model_totals(model, input_shape), probe, budget,
+                      source, has_macs)
+
+
+def allocate(scanned: BudgetScan, budget: Budget) -> Allocation:
+    """Meet ``budget`` at the least total sensitivity (see the module docstring), or raise
+    :class:`BudgetError` when it cannot be met within 2%."""
+    metric, source = budget.metric, scanned.source
+    if metric == "macs" and not scanned.has_macs:
+        raise ValueError("this scan was built without MACs; scan again with a MAC budget")
+    total, fixed = scanned.totals[metric], scanned.fixed(metric)
+    target = budget.ratio * total
+    unit = "params" if metric == "params" else "MACs"
+    costs = [lad.cost(metric).astype(np.float64) for lad in scanned.ladders]
+    sens = [lad.sens for lad in scanned.ladders]
+    smallest = fixed + sum(c[0] for c in costs)
+    if smallest > target * (1 + TOLERANCE):
+        raise BudgetError(f"{source}: budget {budget.label} cannot be met: the smallest ranks give "
+                          f"{smallest / total:.3g} of the model's {unit} ({fixed / total:.3g} in what the budget "
+                          f"does not touch); raise the ratio or decompose more layers")
+    room = target - fixed
+    choice = greedy_allocate(costs, sens, room)
+    if sum(c[i] for c, i in zip(costs, choice)) + fixed < target * (1 - TOLERANCE):
+        choice = _nudge(costs, sens, choice, fixed, target)
+    uniform = uniform_allocate(costs, room)
+    ours, theirs = objective(sens, choice), objective(sens, uniform)
+    used_uniform = theirs < ours and _within(sum(c[i] for c, i in zip(costs, uniform)) + fixed, target)
+    if used_uniform:
+        choice, ours = uniform, theirs
+    achieved = fixed + sum(c[i] for c, i in zip(costs, choice))
+    if not _within(achieved, target):
+        raise BudgetError(f"{source}: budget {budget.label}: the closest allocation found gives "
+                          f"{achieved / total:.4g} of the model's {unit}, more than {TOLERANCE:.0%} off; the "
+                          "layers' rank steps are too coarse for this model — try another ratio")
+    return Allocation(budget, choice, achieved / total, ours, theirs, bool(used_uniform))
+
+
+def _replan(ladder: Ladder, rung: int, shapes: tuple[list[int], list[int]], source: str) -> LayerPlan:
+    base = ladder.plan
+    if ladder.ranks[rung] is None:
+        return LayerPlan(name=base.name, type=base.type, action="keep", method="none", decided_by=base.decided_by,
+                         rules=list(base.rules), settings=dict(base.settings), input_shape=base.input_shape,
+                         params_before=base.params_before, params_after=base.params_before,
+                         macs_before=base.macs_before, macs_after=base.macs_before)
+    choice = LayerChoice(base.name, base.type, {**base.settings, "rank": ladder.ranks[rung]}, list(base.rules),
+                         base.decided_by)
+    return plan_layer(choice, ladder.module, shapes, source)
+
+
+def finish(scanned: BudgetScan, allocation: Allocation) -> BudgetedPlan:
+    """The plan with the allocated ranks: each budget layer re-planned at its rung (its sensitivity
+    measured exactly where it was interpolated), and a summary with the whole allocation's error."""
+    budget, probe, source = allocation.budget, scanned.probe, scanned.source
+    measure = probe.model_error if budget.sensitivity == "model" else None
+    weights: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+    for lad, rung in zip(scanned.ladders, allocation.choice):
+        if rung == lad.dense:
+            continue
+        w = next(approximations(lad, [rung], budget))
+        weights[lad.plan.name] = (lad.module, w)
+        if not lad.measured[rung]:
+            lad.sens[rung] = (measure({lad.plan.name: (lad.module, w)}) if measure
+                              else probe.layer_error(lad.plan.name, lad.module, w))
+            lad.measured[rung] = True
+    combined = math.sqrt(probe.model_error(weights)) if weights else 0.0
+
+    unit = "parameter" if budget.metric == "params" else "MAC"
+    out = list(scanned.plans)
+    for index, lad, rung in zip(scanned.todo, scanned.ladders, allocation.choice):
+        plan = _replan(lad, rung, probe.shapes[lad.plan.name], source)
+        err = math.sqrt(max(float(lad.sens[rung]), 0.0))
+        measured = int(lad.measured[: lad.dense].sum())
+        if rung == lad.dense:
+            plan.reason = f"budget: more error per {unit} saved than elsewhere (candidates {lad.span()})"
+        else:
+            plan.reason = (f"budget: {plan.method} rank {lad.ranks[rung]} (of {lad.dense} candidates {lad.span()} "
+                           f"and dense), Δerr {err:.3g}")
+        plan.notes = [n for n in plan.notes if not n.startswith("rank ")]
+        plan.notes.append(f"budget: {measured} of {lad.dense} ranks measured in {lad.seconds:.2f}s")
+        plan.budget = {"rung": int(rung), "candidates": int(lad.dense), "measured": measured, "range": lad.span(),
+                       "sensitivity": err, "measure": budget.sensitivity, "scan_seconds": round(lad.seconds, 3)}
+        out[index] = plan
+    metric = budget.metric
+    total = scanned.totals[metric]
+    achieved = scanned.fixed(metric) + sum(int(out[i].params_after if metric == "params" else out[i].macs_after)
+                                           for i in scanned.todo)
+    summary = {"metric": metric, "target_ratio": budget.ratio, "achieved_ratio": achieved / total,
+               "total": int(total), "achieved": int(achieved), "fixed": int(scanned.fixed(metric)),
+               "sensitivity": budget.sensitivity, "objective": allocation.objective,
+               "uniform_objective": allocation.uniform_objective, "used_uniform": allocation.used_uniform,
+               "model_output_error": combined, "layers": len(scanned.ladders),
+               "candidates": int(sum(lad.dense for lad in scanned.ladders)),
+               "measured": int(sum(int(lad.measured[: lad.dense].sum()) for lad in scanned.ladders)),
+               "scan_seconds": round(sum(lad.seconds for lad in scanned.ladders), 3),
+               "calibration_samples": int(probe.batch.shape[0])}
+    log.info("budget %s: achieved %.4f (%d of %d), Σ sensitivity %.4g (uniform fractions %.4g), scan %.1fs",
+             budget.label, summary["achieved_ratio"], achieved, total, allocation.objective,
+             allocation.uniform_objective, summary["scan_seconds"])
+    return BudgetedPlan(out, summary)
+
+
+def apply_budget(model: nn.Module, plans: list[LayerPlan], recipe: Recipe, input_shape: Sequence[int],
+                 calibration_input: torch.Tensor | None = None) -> BudgetedPlan:
+    """Replace the ranks of every layer the recipe decomposes (with a budget method) by the
+    allocation that meets ``recipe.budget`` at the least total sensitivity."""
+    budget = Budget.from_mapping(recipe.budget or {})
+    if calibration_input is None:
+        calib = calibration_settings(recipe)
+        param = next(model.parameters(), None)
+        calibration_input = calibration_batch(input_shape, calib["batch_size"], calib["seed"],
+                                              dtype=param.dtype if param is not None else torch.float32,
+                                              device=param.device if param is not None else "cpu")
+    scanned = scan_model(model, plans, budget, input_shape, calibration_input, recipe.source)
+    return finish(scanned, allocate(scanned, budget))
+
+
+def _within(achieved: float, target: float) -> bool:
+    return abs(achieved / target - 1) <= TOLERANCE + 1e-12 if target > 0 else achieved == 0
+
+
+def _nudge(costs: list[np.ndarray], sens: list[np.ndarray], choice: list[int], fixed: float,
+           target: float) -> list[int]:
+    """Still more than 2% under the target (coarse steps): take the single move into the 2% window
+    that increases the objective least (moves up lower it)."""
+    total = fixed + sum(c[i] for c, i in zip(costs, choice))
+    best: tuple[float, int, int] | None = None
+    for layer, (c, s) in enumerate(zip(costs, sens)):
+        new_total = total - c[choice[layer]] + c
+        ok = (new_total >= target * (1 - TOLERANCE)) & (new_total <= target * (1 + TOLERANCE))
+        for j in np.flatnonzero(ok):
+            value = float(s[j] - s[choice[layer]])
+            if best is None or value < best[0]:
+                best = (value, layer, int(j))
+    if best is None:
+        return choice
+    out = list(choice)
+    out[best[1]] = best[2]
+    return out
