@@ -288,6 +288,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read, override and validate a recipe file."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"{path}: is a folder, not a recipe file")
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
     try:
