@@ -83,9 +83,25 @@ def test_pickled_objects_refused_without_trust(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     torch.save({"state_dict": Exploit(str(marker))}, evil)
-    with pytest.raises(CheckpointError, match="--trust-pickle"):
+    with pytest.raises(CheckpointError, match="--trust-pickle") as refused:
         load_model(evil, R18)
+    assert "arbitrary code" in str(refused.value)  # the flag and the risk, in one line
     assert not marker.exists()
+    # control: the crafted file really does run code when trusted, so the check above is not vacuous
+    with pytest.raises(CheckpointError):
+        load_model(evil, R18, trust_pickle=True)
+    assert marker.exists()
+
+
+def test_safetensors_weights_with_an_architecture(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    model = build_model(ModelSpec("lenet5"))
+    path = tmp_path / "l5.safetensors"
+    safetensors.save_file(model.state_dict(), str(path))
+    loaded = load_model(path, ModelSpec("lenet5"))
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model.eval()(x))
 
 
 def test_whole_module_pickle_loads_only_with_trust(tmp_path, model_def):
