@@ -321,7 +321,19 @@ def plan_tucker2(module: nn.Conv2d, s: dict[str, Any], where: str) -> tuple[dict
     return config, [int(r_in), int(r_out)], notes
 
 
-PLANNERS = {"tt": plan_tt, "lowrank": plan_lowrank, "cp": plan_cp, "tucker2": plan_tucker2}
+def plan_prodsum(module: nn.Linear, s: dict[str, Any], where: str) -> tuple[dict[str, Any], Any, list[str]]:
+    """Product-of-sums: no rank; the trainable count is Σ terms (validated by the layer itself)."""
+    sweeps = s.get("sweeps", 8)
+    if not _is_int(sweeps) or sweeps < 1:
+        raise RecipeError(f"{where}: sweeps (alternating least-squares sweeps for p > 1) must be a positive integer, got {sweeps!r}")
+    config = {"in_features": module.in_features, "out_features": module.out_features,
+              **{k: s[k] for k in ("p", "terms", "family", "seed", "widths", "g", "density") if k in s},
+              "bias": module.bias is not None}
+    terms = s.get("terms", 16)
+    return config, terms if isinstance(terms, list) else [terms] * s.get("p", 1), []
+
+
+PLANNERS = {"tt": plan_tt, "lowrank": plan_lowrank, "cp": plan_cp, "tucker2": plan_tucker2, "prodsum": plan_prodsum}
 
 
 def _unsupported(module: nn.Module, method: str) -> str | None:
@@ -385,6 +397,9 @@ def plan_layer(choice: LayerChoice, module: nn.Module, shapes: tuple[list[int], 
     plan.reason = f"{method} rank {ranks}"
     if method == "tt":
         plan.reason += f", modes in {config['in_modes']} out {config['out_modes']}"
+    if method == "prodsum":
+        plan.config, plan.ranks = layer.config(), list(layer.terms)
+        plan.reason = f"prodsum p={layer.p}, terms {layer.terms}, family {layer.factor_config()['family']}"
     if plan.params_after >= plan.params_before:
         plan.notes.append(f"grows the layer: {plan.params_after:,} params vs {plan.params_before:,} dense")
     return plan

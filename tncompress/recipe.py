@@ -25,7 +25,7 @@ from tncompress.errors import RecipeError
 RECIPE_VERSION = 1
 TYPES = ("Linear", "Conv2d")
 METHODS_BY_TYPE: dict[str, tuple[str, ...]] = {
-    "Linear": ("tt", "lowrank", "none"),
+    "Linear": ("tt", "lowrank", "prodsum", "none"),
     "Conv2d": ("cp", "tucker2", "none"),
 }
 METHOD_ALIASES = {"svd": "lowrank", "tucker": "tucker2", "tensor-train": "tt"}
@@ -36,6 +36,7 @@ METHOD_KEYS: dict[str, frozenset[str]] = {
     "lowrank": frozenset({"rank"}),
     "cp": frozenset({"rank", "form", "n_iter_max", "tol", "retries", "l2_reg", "fallback", "engine"}),
     "tucker2": frozenset({"rank", "algorithm", "n_iter", "floor", "weakening"}),
+    "prodsum": frozenset({"p", "terms", "family", "seed", "widths", "g", "density", "sweeps"}),
     "none": frozenset(),
 }
 # settings every method accepts: a bound on the layer's relative output error on the calibration batch
