@@ -8,7 +8,7 @@ from torch import nn
 
 from tncompress.budget import Budget, BudgetError, allocate, finish, scan_model
 from tncompress.compress import decompose
-from tncompress.errors import RecipeError
+from tncompress.errors import RankError, RecipeError
 from tncompress.measure import count_macs, count_params
 from tncompress.models import ModelSpec, build_model
 from tncompress.planner import calibration_batch, make_plan
@@ -44,7 +44,7 @@ def structural_ratio(spec: ModelSpec, plan, metric: str, shape: list[int]) -> fl
     ({"params_ratio": 0}, "(0, 1]"),
     ({"params_ratio": 1.5}, "(0, 1]"),
     ({"params_ratio": True}, "(0, 1]"),
-    ({"macs_ratio": 0.5, "sensitivity": "loss"}, "'model' or 'layer'"),
+    ({"macs_ratio": 0.5, "sensitivity": "loss"}, "'model', 'kl' or 'layer'"),
     ({"params_ratio": 0.5, "candidates": 1}, "candidates"),
     ({"params_ratio": 0.5, "param_ratio": 0.5}, "did you mean"),
     (0.1, "expected a mapping"),
@@ -83,7 +83,7 @@ def test_resnet18_tucker2_meets_the_budget(r18_scan, metric, ratio):
     achieved = structural_ratio(R18, plan, metric, [1, 3, 32, 32])
     assert abs(achieved / ratio - 1) <= 0.02, achieved
     assert plan.budget["achieved_ratio"] == pytest.approx(achieved, rel=1e-9)  # the planner counts what is built
-    assert allocation.objective <= allocation.uniform_objective
+    assert allocation.combined <= allocation.uniform_combined  # never worse than uniform, measured whole
     decided = [p for p in plan if p.budget is not None]
     assert len(decided) == 19 and all(p.reason.startswith("budget: ") for p in decided)
     assert all(p.budget["measured"] >= 1 and p.budget["scan_seconds"] >= 0 for p in decided)
@@ -106,7 +106,7 @@ def test_mlp_meets_the_budget(method, ratio, candidates):
     plan = make_plan(model, rec, [1, 1, 32, 32])
     achieved = structural_ratio(MLP, plan, "params", [1, 1, 32, 32])
     assert abs(achieved / ratio - 1) <= 0.02, achieved
-    assert plan.budget["objective"] <= plan.budget["uniform_objective"]
+    assert plan.budget["combined"] <= plan.budget["uniform_combined"]
     assert plan.budget["achieved_ratio"] == pytest.approx(achieved, rel=1e-9)
 
 
@@ -133,6 +133,7 @@ def test_allocation_finds_the_exactly_low_rank_layer():
     assert 4 <= by_name["1"].ranks <= 16 and by_name["1"].budget["sensitivity"] < 1e-3
     assert by_name["3"].ranks > 3 * by_name["1"].ranks
     assert plan.budget["objective"] < 0.7 * plan.budget["uniform_objective"]
+    assert plan.budget["combined"] < 0.7 * plan.budget["uniform_combined"]
 
 
 def test_cp_budget_on_a_small_conv_net():
@@ -164,3 +165,18 @@ def test_cli_plan_shows_the_allocation_and_unreachable_errors(cli, tmp_path, wri
     only_fc1 = write_recipe("version: 1\nlayers:\n  - {name: fc1, method: lowrank}\nbudget: {params_ratio: 0.1}\n",
                             "fc1.yaml")
     assert_user_error(cli("plan", ckpt, "--arch", "mlp-1024", "-r", only_fc1), "cannot be met", "params_ratio 0.1")
+
+
+def test_lowrank_vbmf_floor_and_weakening():
+    """The per-layer VBMF rule for low-rank honours floor and weakening, like Tucker-2's."""
+    from tncompress.planner import plan_lowrank
+
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(48, 3) @ torch.randn(3, 64) + 0.01 * torch.randn(48, 64))
+    assert plan_lowrank(layer, {"rank": "vbmf"}, "x")[1] == 3
+    assert plan_lowrank(layer, {"rank": "vbmf", "floor": 5}, "x")[1] == 5
+    assert plan_lowrank(layer, {"rank": "vbmf", "weakening": 0.5}, "x")[1] == 3 + 23  # ceil(3 + 0.5·(48 − 3))
+    with pytest.raises(RankError, match="weakening"):
+        plan_lowrank(layer, {"rank": "vbmf", "weakening": 1.0}, "x")

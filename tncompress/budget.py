@@ -306,11 +306,12 @@ def approximations(ladder: Ladder, indices: Sequence[int], budget: Budget) -> It
         raise ValueError(f"no budget ladder for method {method!r}")
 
 
-def _forward_with(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _forward_with(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: bool = True) -> torch.Tensor:
     weight = weight.to(dtype=module.weight.dtype, device=module.weight.device)
+    b = module.bias if bias else None
     if isinstance(module, nn.Conv2d):
-        return module._conv_forward(x, weight, module.bias)
-    return F.linear(x, weight, module.bias)
+        return module._conv_forward(x, weight, b)
+    return F.linear(x, weight, b)
 
 
 def _flat(output: Any) -> torch.Tensor:
@@ -351,12 +352,22 @@ class _Probe:
             handles.append(module.register_forward_hook(hook))
         try:
             with torch.no_grad():
-                self.reference = _flat(model(batch))
+                raw = model(batch)
+                self.reference = _flat(raw)
+                self.logits = raw.detach().double() if isinstance(raw, torch.Tensor) and raw.ndim == 2 else None
         finally:
             for h in handles:
                 h.remove()
 
-    def model_error(self, replaced: dict[str, tuple[nn.Module, torch.Tensor]]) -> float:
+    def measure(self, budget: Budget, name: str, module: nn.Module, weight: torch.Tensor) -> float:
+        """The budget's sensitivity of one layer replaced by ``weight``."""
+        if budget.sensitivity == "layer":
+            return self.layer_error(name, module, weight)
+        return self.model_error({name: (module, weight)}, kl=budget.sensitivity == "kl")
+
+    def model_error(self, replaced: dict[str, tuple[nn.Module, torch.Tensor]], kl: bool = False) -> float:
+        """Squared relative error of the model's output with some layers replaced, or with ``kl`` the
+        mean KL divergence from the dense model's predicted class distribution (classifiers)."""
         handles = []
         for name, (module, weight) in replaced.items():
             def hook(mod: nn.Module, args: tuple, out: Any, _w: torch.Tensor = weight) -> torch.Tensor:
@@ -364,16 +375,24 @@ class _Probe:
             handles.append(module.register_forward_hook(hook))
         try:
             with torch.no_grad():
-                out = _flat(self.model(self.batch))
+                raw = self.model(self.batch)
         finally:
             for h in handles:
                 h.remove()
-        return _sq_rel(self.reference, out)
+        if kl and self.logits is not None and isinstance(raw, torch.Tensor):
+            ref = F.log_softmax(self.logits, dim=1)
+            value = float((ref.exp() * (ref - F.log_softmax(raw.double(), dim=1))).sum(dim=1).mean())
+            return value if math.isfinite(value) else math.inf
+        return _sq_rel(self.reference, _flat(raw))
 
     def layer_error(self, name: str, module: nn.Module, weight: torch.Tensor) -> float:
+        """Squared relative error of the layer's own output, bias left out (a large bias would
+        hide the error of the weight)."""
         with torch.no_grad():
-            y = _forward_with(module, self.inputs[name], weight)
-        return _sq_rel(self.outputs[name].reshape(-1).double(), y.reshape(-1).double())
+            x = self.inputs[name]
+            ref = _forward_with(module, x, module.weight, bias=False)
+            y = _forward_with(module, x, weight, bias=False)
+        return _sq_rel(ref.reshape(-1).double(), y.reshape(-1).double())
 
 
 def scan(ladder: Ladder, probe: _Probe, budget: Budget) -> None:
@@ -383,8 +402,7 @@ def scan(ladder: Ladder, probe: _Probe, budget: Budget) -> None:
     compressing = list(range(ladder.dense))
     grid = grid_indices(ladder.params[: ladder.dense], budget.candidates) if compressing else []
     for i, weight in zip(grid, approximations(ladder, grid, budget)):
-        s = (probe.model_error({name: (module, weight)}) if budget.sensitivity == "model"
-             else probe.layer_error(name, module, weight))
+        s = probe.measure(budget, name, module, weight)
         ladder.sens[i], ladder.measured[i] = s, True
     ladder.sens[ladder.dense], ladder.measured[ladder.dense] = 0.0, True
     known = np.flatnonzero(ladder.measured)
@@ -521,6 +539,18 @@ class BudgetScan:
         """Cost of everything the budget does not decide (other layers, norms, biases elsewhere…)."""
         return self.totals[metric] - sum(int(lad.cost(metric)[-1]) for lad in self.ladders)
 
+    def weights(self, choice: Sequence[int]) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+        """The approximated weight of every layer the allocation ``choice`` does not leave dense."""
+        return {lad.plan.name: (lad.module, next(approximations(lad, [rung], self.budget)))
+                for lad, rung in zip(self.ladders, choice) if rung != lad.dense}
+
+    def combined(self, choice: Sequence[int], budget: Budget) -> float:
+        """The measured error with every layer of ``choice`` replaced at once (KL for ``kl``, else
+        the squared relative model-output error): the real objective, which the per-layer sum
+        only approximates."""
+        weights = self.weights(choice)
+        return self.probe.model_error(weights, kl=budget.sensitivity == "kl") if weights else 0.0
+
 
 @dataclass
 class Allocation:
@@ -529,9 +559,11 @@ class Allocation:
     budget: Budget
     choice: list[int]
     achieved: float
-    objective: float
-    uniform_objective: float
+    objective: float                  # Σ per-layer sensitivities of the choice (the additive proxy)
+    uniform_objective: float          # the same for uniform fractions at the same budget
     used_uniform: bool
+    combined: float = math.nan        # measured with all chosen layers replaced at once
+    uniform_combined: float = math.nan
 
 
 def _whole_model_totals(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
@@ -587,15 +619,19 @@ def allocate(scanned: BudgetScan, budget: Budget) -> Allocation:
         choice = _nudge(costs, sens, choice, fixed, target)
     uniform = uniform_allocate(costs, room)
     ours, theirs = objective(sens, choice), objective(sens, uniform)
-    used_uniform = theirs < ours and _within(sum(c[i] for c, i in zip(costs, uniform)) + fixed, target)
+    # the per-layer sum is only a proxy: measure both allocations whole and keep the better
+    combined = scanned.combined(choice, budget)
+    uniform_combined = scanned.combined(uniform, budget)
+    used_uniform = (uniform_combined < combined
+                    and _within(sum(c[i] for c, i in zip(costs, uniform)) + fixed, target))
     if used_uniform:
-        choice, ours = uniform, theirs
+        choice, ours, combined = uniform, theirs, uniform_combined
     achieved = fixed + sum(c[i] for c, i in zip(costs, choice))
     if not _within(achieved, target):
         raise BudgetError(f"{source}: budget {budget.label}: the closest allocation found gives "
                           f"{achieved / total:.4g} of the model's {unit}, more than {TOLERANCE:.0%} off; the "
                           "layers' rank steps are too coarse for this model — try another ratio")
-    return Allocation(budget, choice, achieved / total, ours, theirs, bool(used_uniform))
+    return Allocation(budget, choice, achieved / total, ours, theirs, bool(used_uniform), combined, uniform_combined)
 
 
 def _replan(ladder: Ladder, rung: int, shapes: tuple[list[int], list[int]], source: str) -> LayerPlan:
@@ -614,16 +650,13 @@ def finish(scanned: BudgetScan, allocation: Allocation) -> BudgetedPlan:
     """The plan with the allocated ranks: each budget layer re-planned at its rung (its sensitivity
     measured exactly where it was interpolated), and a summary with the whole allocation's error."""
     budget, probe, source = allocation.budget, scanned.probe, scanned.source
-    measure = probe.model_error if budget.sensitivity == "model" else None
-    weights: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+    weights = scanned.weights(allocation.choice)
     for lad, rung in zip(scanned.ladders, allocation.choice):
         if rung == lad.dense:
             continue
-        w = next(approximations(lad, [rung], budget))
-        weights[lad.plan.name] = (lad.module, w)
+        w = weights[lad.plan.name][1]
         if not lad.measured[rung]:
-            lad.sens[rung] = (measure({lad.plan.name: (lad.module, w)}) if measure
-                              else probe.layer_error(lad.plan.name, lad.module, w))
+            lad.sens[rung] = probe.measure(budget, lad.plan.name, lad.module, w)
             lad.measured[rung] = True
     combined = math.sqrt(probe.model_error(weights)) if weights else 0.0
 
@@ -631,13 +664,14 @@ def finish(scanned: BudgetScan, allocation: Allocation) -> BudgetedPlan:
     out = list(scanned.plans)
     for index, lad, rung in zip(scanned.todo, scanned.ladders, allocation.choice):
         plan = _replan(lad, rung, probe.shapes[lad.plan.name], source)
-        err = math.sqrt(max(float(lad.sens[rung]), 0.0))
+        kl = budget.sensitivity == "kl"  # KL is reported as is; squared relative errors as their root
+        err = float(lad.sens[rung]) if kl else math.sqrt(max(float(lad.sens[rung]), 0.0))
         measured = int(lad.measured[: lad.dense].sum())
         if rung == lad.dense:
             plan.reason = f"budget: more error per {unit} saved than elsewhere (candidates {lad.span()})"
         else:
             plan.reason = (f"budget: {plan.method} rank {lad.ranks[rung]} (of {lad.dense} candidates {lad.span()} "
-                           f"and dense), Δerr {err:.3g}")
+                           f"and dense), {'ΔKL' if kl else 'Δerr'} {err:.3g}")
         plan.notes = [n for n in plan.notes if not n.startswith("rank ")]
         plan.notes.append(f"budget: {measured} of {lad.dense} ranks measured in {lad.seconds:.2f}s")
         plan.budget = {"rung": int(rung), "candidates": int(lad.dense), "measured": measured, "range": lad.span(),
@@ -651,6 +685,7 @@ def finish(scanned: BudgetScan, allocation: Allocation) -> BudgetedPlan:
                "total": int(total), "achieved": int(achieved), "fixed": int(scanned.fixed(metric)),
                "sensitivity": budget.sensitivity, "objective": allocation.objective,
                "uniform_objective": allocation.uniform_objective, "used_uniform": allocation.used_uniform,
+               "combined": allocation.combined, "uniform_combined": allocation.uniform_combined,
                "model_output_error": combined, "layers": len(scanned.ladders),
                "candidates": int(sum(lad.dense for lad in scanned.ladders)),
                "measured": int(sum(int(lad.measured[: lad.dense].sum()) for lad in scanned.ladders)),

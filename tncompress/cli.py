@@ -194,6 +194,10 @@ def _totals_line(plan, model_params_before: int) -> str:
             f"({macs_change:+.1f}%)")
 
 
+_SENSITIVITY = {"model": "squared relative model-output error", "kl": "KL divergence from the dense model's predictions",
+                "layer": "squared relative layer-output error"}
+
+
 def _print_budget(summary: dict[str, Any] | None) -> None:
     """The recipe budget's outcome: target against achieved, and what the allocation gained."""
     if not summary:
@@ -202,10 +206,10 @@ def _print_budget(summary: dict[str, Any] | None) -> None:
     how = "uniform per-layer fractions (they did better here)" if summary["used_uniform"] else "measured sensitivity"
     console.print(f"budget {summary['metric']}_ratio {summary['target_ratio']:g}: achieved "
                   f"{summary['achieved_ratio']:.4f} ({summary['achieved']:,} of {summary['total']:,} {unit}, whole model); "
-                  f"ranks by {how} (a rank in the recipe is ignored): Σ Δerr² {summary['objective']:.4g} vs "
-                  f"{summary['uniform_objective']:.4g} for uniform fractions, where Δerr is the relative "
-                  f"{'model' if summary['sensitivity'] == 'model' else 'layer'} output error with only that layer "
-                  f"replaced; all layers together: model output error {summary['model_output_error']:.3g}; "
+                  f"ranks by {how} (a rank in the recipe is ignored; Δ = {_SENSITIVITY[summary['sensitivity']]} with "
+                  f"only that layer replaced); all layers together: {summary['combined']:.4g} against "
+                  f"{summary['uniform_combined']:.4g} for uniform per-layer fractions, model output error "
+                  f"{summary['model_output_error']:.3g}; "
                   f"scan {summary['scan_seconds']:.1f} s ({summary['measured']} of {summary['candidates']} candidate "
                   f"ranks measured over {summary['layers']} layers, {summary['calibration_samples']} calibration samples)",
                   highlight=False)

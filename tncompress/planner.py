@@ -223,8 +223,15 @@ def plan_lowrank(module: nn.Linear, s: dict[str, Any], where: str) -> tuple[dict
     elif rank == "vbmf":
         from tncompress.decompositions.ranks import evbmf_rank
 
-        r = max(1, evbmf_rank(module.weight.detach().double()))
-        notes.append(f"rank {r} from empirical VBMF")
+        floor, weakening = s.get("floor", 1), s.get("weakening", 0.0)
+        if not _is_int(floor) or floor < 1:
+            raise RankError(f"{where}: floor must be a positive integer, got {floor!r}")
+        if not isinstance(weakening, (int, float)) or isinstance(weakening, bool) or not 0.0 <= weakening < 1.0:
+            raise RankError(f"{where}: weakening must be a number in [0, 1), got {weakening!r}")
+        r = evbmf_rank(module.weight.detach().double())
+        r = min(full, max(floor, math.ceil(r + weakening * (full - r) - 1e-9)))  # as for Tucker-2
+        notes.append(f"rank {r} from empirical VBMF" + (f", weakened by {weakening}" if weakening else "")
+                     + (f", at least {floor}" if floor > 1 else ""))
     elif _is_int(rank):
         r = _positive_int(rank, where)
         if r > full:

@@ -47,10 +47,10 @@ def plot_sweep(results: dict[str, Any], path: str | Path, *, note: str | None = 
             label = (f"{name}: after {group[0].get('finetune_epochs')} fine-tune epoch(s)" if finetuned
                      else f"{name}: after decomposition (no fine-tuning)")
             ax.plot(xs, [p["top1"] for p in group], marker=marker, color=color, label=label)
-            for p in group:
+            for i, p in enumerate(group):  # staggered: neighbouring points often share a size
                 ratio = p[f"{key}_ratio"]
                 ax.annotate(f"{p['point']} ({1 / ratio:.3g}×)" if ratio > 0 else p["point"], (p[key], p["top1"]),
-                            textcoords="offset points", xytext=(5, -12), fontsize=8)
+                            textcoords="offset points", xytext=(6, 4 - 11 * (i % 4)), fontsize=8)
         ax.axhline(base["top1"], color="black", linestyle="--", linewidth=1)
         ax.plot([base[key]], [base["top1"]], marker="*", markersize=14, color="black", linestyle="none",
                 label=f"dense baseline: {base['top1']:.2f}%, {_human(base[key])} {'params' if key == 'params' else 'MACs'}")

@@ -33,7 +33,7 @@ SELECTORS = ("name", "pattern", "regex", "type")
 # settings keys each method accepts (besides ``method``)
 METHOD_KEYS: dict[str, frozenset[str]] = {
     "tt": frozenset({"rank", "in_modes", "out_modes", "d"}),
-    "lowrank": frozenset({"rank"}),
+    "lowrank": frozenset({"rank", "floor", "weakening"}),
     "cp": frozenset({"rank", "form", "n_iter_max", "tol", "retries", "l2_reg", "fallback", "engine"}),
     "tucker2": frozenset({"rank", "algorithm", "n_iter", "floor", "weakening"}),
     "prodsum": frozenset({"p", "terms", "family", "seed", "widths", "g", "density", "sweeps"}),
@@ -240,8 +240,8 @@ def _check_budget(source: str, budget: Any) -> dict[str, Any]:
     ratio = budget[targets[0]]
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
         raise RecipeError(f"{where}.{targets[0]}: expected a number in (0, 1] (compressed / original), got {ratio!r}")
-    if budget.get("sensitivity", "model") not in ("model", "layer"):
-        raise RecipeError(f"{where}.sensitivity: expected 'model' or 'layer', got {budget['sensitivity']!r}")
+    if budget.get("sensitivity", "model") not in ("model", "kl", "layer"):
+        raise RecipeError(f"{where}.sensitivity: expected 'model', 'kl' or 'layer', got {budget['sensitivity']!r}")
     for k, low in (("candidates", 2), ("cp_iterations", 1)):
         v = budget.get(k, low)
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
