@@ -22,9 +22,13 @@ from tncompress.models import ModelSpec, build_model
 from tncompress.recipe import load_recipe
 
 # (title, spec, input shape, recipes, larger batch for a second latency figure)
+R18_RECIPES = ["configs/resnet18-cp.yaml", "configs/resnet18-tucker.yaml"]
 CASES = [
-    ("ResNet-18, 10 classes, 32×32", ModelSpec("torchvision:resnet18", {"num_classes": 10}), [1, 3, 32, 32],
-     ["configs/resnet18-cp.yaml", "configs/resnet18-tucker.yaml"], 64),
+    ("ResNet-18, 1000 classes, 224×224", ModelSpec("torchvision:resnet18"), [1, 3, 224, 224], R18_RECIPES, 8),
+    ("ResNet-18 CIFAR stem, 10 classes, 32×32",
+     ModelSpec("torchvision:resnet18", {"num_classes": 10, "cifar_stem": True}), [1, 3, 32, 32], R18_RECIPES, 64),
+    ("ResNet-18, 10 classes, 32×32 (ImageNet stem: 1×1 maps in layer4)",
+     ModelSpec("torchvision:resnet18", {"num_classes": 10}), [1, 3, 32, 32], R18_RECIPES, 64),
     ("VGG-16, 1000 classes, 224×224", ModelSpec("torchvision:vgg16"), [1, 3, 224, 224], ["configs/vgg16-tt.yaml"], 4),
     ("MLP 1024-1024-10, 32×32", ModelSpec("mlp-1024"), [1, 1, 32, 32], ["configs/mlp-mnist-tt.yaml"], 256),
 ]

@@ -124,3 +124,25 @@ def test_report_takes_the_baseline_architecture_from_the_compressed_checkpoint(c
     base, small = json.loads(rep.stdout)["models"]
     assert base["params"] - small["params"] == 512 * 10 - 4 * (512 + 10)
     assert_user_error(cli("report", r18, "--input-shape", "1,3,32,32"), "--arch")
+
+
+def test_report_latency_in_channels_last_layout(cli, tmp_path):
+    """--channels-last measures the model in NHWC; the JSON says which layout and OpenMP policy."""
+    path = tmp_path / "lenet.pt"
+    torch.save(build_model(ModelSpec("lenet5")).state_dict(), path)
+    for flags, layout in (([], "default"), (["--channels-last"], "channels_last")):
+        rep = cli("report", path, "--arch", "lenet5", "--latency", "--latency-batch", "2", *flags, "--json")
+        assert rep.exit_code == 0, rep.output
+        latency = json.loads(rep.stdout)["models"][0]["latency"]
+        assert latency["layout"] == layout and latency["batch"] == 2 and latency["median_ms"] > 0
+        assert "omp_wait_policy" in latency
+
+
+def test_cli_leaves_openmp_policy_alone_for_report_only():
+    """Heavy commands default OMP_WAIT_POLICY to PASSIVE; report (latency) keeps OpenMP's default."""
+    code = ("import os, sys; sys.argv = ['tncompress'] + sys.argv[1:]; import tncompress.cli; "
+            "print(os.environ.get('OMP_WAIT_POLICY', 'unset'))")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    for argv, expected in ((["report", "x.pt"], "unset"), (["decompose", "x.pt"], "PASSIVE")):
+        out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, check=True)
+        assert out.stdout.strip() == expected, (argv, out.stdout, out.stderr)

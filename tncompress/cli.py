@@ -20,8 +20,12 @@ from tncompress._version import __version__
 from tncompress.errors import EXIT_GATE, EXIT_INTERNAL, TncompressError
 
 # Set before torch is imported: busy-waiting OpenMP threads starve each other on small or shared
-# machines (measured 3× to 1000× slowdowns of the decompositions on 2 cores with another process busy).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# machines (measured 3× to 1000× slowdowns of the decompositions on 2 cores with another process busy),
+# so the heavy commands let idle threads sleep. `report` keeps OpenMP's default: sleeping threads cost
+# tens of µs to wake for every small op, which made batch-1 latency up to 2× worse than a deployed
+# model sees (docs/performance.md). An OMP_WAIT_POLICY set by the user always wins.
+if not any(arg == "report" for arg in sys.argv[1:3]):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -355,6 +359,9 @@ def report(
     layers: bool = typer.Option(False, "--layers", help="Show the per-layer table in the terminal."),
     latency: bool = typer.Option(False, "--latency", help="Measure forward latency (median of repeated runs)."),
     latency_batch: int = typer.Option(1, "--latency-batch", min=1, help="Batch size for --latency."),
+    channels_last: bool = typer.Option(False, "--channels-last",
+                                       help="Measure latency with model and input in channels-last (NHWC) layout, "
+                                            "usually faster for factorized convolutions on CPU."),
     device: str = typer.Option("cpu", "--device", help="Device for latency and accuracy: cpu or cuda."),
     dataset: str = typer.Option(None, "--dataset", "-d", help="Add top-1 / top-5 accuracy on this dataset's test split."),
     data_dir: str = DataDirOpt,
@@ -394,7 +401,8 @@ def report(
         from tncompress.finetune import DataOptions
 
         data = DataOptions(dataset, data_dir, limit_test=limit_test)
-    rep = build_report(loaded, ReportOptions(shape, latency, latency_batch, device, data, batch_size))
+    rep = build_report(loaded, ReportOptions(shape, latency, latency_batch, device, data, batch_size,
+                                             channels_last=channels_last))
     gate_results = evaluate_gates(parsed_gates, rep)
     if parsed_gates:
         rep["gates"] = [g.to_dict() for g in gate_results]

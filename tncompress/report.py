@@ -3,6 +3,7 @@ JSON or Markdown. The first model is the baseline that ratios are taken against.
 from __future__ import annotations
 
 import json
+import os
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class ReportOptions:
     device: str = "cpu"
     data: Any = None            # a tncompress.finetune.DataOptions: evaluate accuracy on its test split
     eval_batch_size: int = 256
+    channels_last: bool = False  # measure latency with model and input in channels-last layout
 
 
 def _layer_rows(loaded: LoadedModel, per_module: dict[str, int]) -> list[dict[str, Any]]:
@@ -83,7 +85,14 @@ def measure_model(loaded: LoadedModel, options: ReportOptions) -> dict[str, Any]
                              "images": metrics["images"]}
     if options.latency:
         batch = calibration_batch(options.input_shape, options.latency_batch, 0, dtype=dtype, device=options.device)
-        entry["latency"] = measure_latency(model, batch)
+        if options.channels_last and batch.dim() == 4:
+            # Factorized convs are chains of small convs; oneDNN runs them (1×1 and depthwise
+            # especially) much faster in NHWC. The report states the layout with the figure.
+            model = model.to(memory_format=torch.channels_last)
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        entry["latency"] = {**measure_latency(model, batch),
+                            "layout": "channels_last" if options.channels_last and batch.dim() == 4 else "default",
+                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
     return entry
 
 
