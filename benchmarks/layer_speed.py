@@ -9,44 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench_common import machine_info
+from bench_common import machine_info, median_ms
 from tncompress.layers import TTLinear
-from tncompress.measure import count_macs, count_params
+from tncompress.measure import LargestTensorMode, count_macs, count_params
 
 FC6 = dict(in_features=25088, out_features=4096, in_modes=[2, 7, 8, 8, 7, 4], out_modes=[4, 4, 4, 4, 4, 4])
-
-
-def timer(device: str) -> Callable[[Callable[[], object], int, int], float]:
-    """Median milliseconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
-    def run(fn: Callable[[], object], warmup: int = 3, repeats: int = 15) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        if device == "cuda":
-            torch.cuda.synchronize()
-            for _ in range(repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    return run
 
 
 def fwd(layer: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -56,27 +29,12 @@ def fwd(layer: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return f
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op produces (the peak a forward can reach beyond its input)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def largest_tensor_mb(layer: nn.Module, x: torch.Tensor) -> float:
     """MB of the largest tensor made by one inference forward (after warm-up, so cached merged cores
     are not recounted) — for fc6 the dense W alone would be 411 MB."""
     with torch.inference_mode():
         layer(x)
-        with LargestTensor() as mode:
+        with LargestTensorMode() as mode:
             layer(x)
     return mode.largest * x.element_size() / 1e6
 
@@ -117,7 +75,10 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     device = args.device
-    measure = timer(device)
+
+    def measure(fn: Callable[[], object], warmup: int = 3, repeats: int = 15) -> float:
+        return median_ms(fn, device, warmup, repeats)
+
     torch.manual_seed(0)
     info = machine_info(device)
     info["gemm_gflops"] = round(gemm_rate(device, measure), 1)

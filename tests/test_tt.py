@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from tncompress.decompositions.tt import (
@@ -22,6 +21,7 @@ from tncompress.decompositions.tt import (
     tt_rank_for_fraction,
 )
 from tncompress.errors import RankError
+from tncompress.measure import LargestTensorMode
 from tncompress.layers.tt_linear import TTLinear, _candidate_groupings, _make_plan
 
 FC6_IN = [2, 7, 8, 8, 7, 4]
@@ -338,27 +338,12 @@ def test_macs_per_sample_matches_flop_counter(shape):
     assert counter.get_total_flops() == 2 * layer.macs_per_sample()
 
 
-class _LargestOutput(TorchDispatchMode):
-    """Records the largest tensor any op produces."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("batch", [1, 64])
 def test_forward_never_forms_w_at_fc6(batch):
     layer = TTLinear(25088, 4096, in_modes=FC6_IN, out_modes=FC6_OUT, ranks=4)
     w_size = 25088 * 4096
     x = torch.randn(batch, 25088)
-    with torch.no_grad(), _LargestOutput() as mode, FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), LargestTensorMode() as mode, FlopCounterMode(display=False) as counter:
         layer(x)
     assert mode.largest <= max(x.numel(), batch * 4096 * 16)  # activations only, nothing W-sized
     assert counter.get_total_flops() / 2 < batch * w_size / 20  # ≥ 20x fewer MACs than nn.Linear

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -104,3 +105,19 @@ def parse_shape(text: str | Sequence[int]) -> list[int]:
 
 
 MAX_SAMPLE_ELEMENTS = 1 << 28  # 1 GiB of float32 per sample: beyond that, a typo rather than a model input
+
+
+class LargestTensorMode(TorchDispatchMode):
+    """Records the element count of the largest tensor any op produces inside the ``with`` block:
+    the evidence that a factorized layer never materialises its dense weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
