@@ -97,7 +97,8 @@ def peer_layer_weight(module: nn.Module, plan) -> torch.Tensor:
     c, s = plan.config, plan.settings
     if plan.method == "tt":
         d = len(c["in_modes"])
-        ranks = c["ranks"] if isinstance(c["ranks"], list) else [1] + [c["ranks"]] * (d - 1) + [1]
+        bonds = c["ranks"] if isinstance(c["ranks"], list) else [c["ranks"]] * (d - 1)
+        ranks = bonds if len(bonds) == d + 1 else [1, *bonds, 1]  # tensorly wants the boundary 1s too
         layer = tltorch.FactorizedLinear.from_linear(
             module, auto_tensorize=False, in_tensorized_features=tuple(c["in_modes"]),
             out_tensorized_features=tuple(c["out_modes"]), rank=list(ranks), factorization="blocktt",
