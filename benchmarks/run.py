@@ -128,6 +128,11 @@ def write_report() -> Path:
     lines += ["", "Where a target is missed, the part's own section and [performance.md](performance.md) say why. "
               "Latency parts run with OpenMP's default wait policy (as a deployed model does); decomposition and "
               "training parts with `OMP_WAIT_POLICY=PASSIVE` (as the CLI runs them).", ""]
+    lines += ["Outside `make bench` (they need a trained model or take long): `python benchmarks/budget_mlp.py mlp.pt` "
+              "compares the global rank budget with uniform ranks at equal parameter budgets "
+              "([budget-mlp.md](budget-mlp.md), discussed in [budget.md](budget.md)); "
+              "`python benchmarks/mnist_prodsum.py` trains the product-of-sums MNIST networks of "
+              "[prodsum.md](prodsum.md); the sweep figure in [sweep.md](sweep.md) comes from `tncompress sweep`.", ""]
     for part, name in SECTIONS:
         path = DOCS / name
         if not path.exists():
