@@ -103,10 +103,10 @@ def decompose_targets(data: list | dict) -> list[str]:
     rows = data["recipes"] if isinstance(data, dict) and "recipes" in data else []
     out = []
     for r in rows:
-        ok = r["ours_s"] <= r["peer_s"] and r["ours_err"] <= r["peer_err"] * 1.001
+        ok = r["ours_layer_s"] <= r["peer_s"] and r["ours_err"] <= r["peer_err"] * 1.001
         out.append(_row(f"Decomposing `{r['recipe']}`: as fast as the peer on the same layers, error no higher",
-                        f"{r['ours_s']:.1f} s vs {r['peer_s']:.1f} s; median error {r['ours_err']:.4f} vs "
-                        f"{r['peer_err']:.4f}", ok))
+                        f"{r['ours_layer_s']:.1f} s vs {r['peer_s']:.1f} s (whole `decompose` {r['ours_s']:.1f} s); "
+                        f"median error {r['ours_err']:.4f} vs {r['peer_err']:.4f}", ok))
     return out
 
 
