@@ -287,6 +287,33 @@ def test_recipe_prodsum_through_the_cli(cli, tmp_path, model_def, write_recipe):
     assert res.exit_code == 2 and "layer fc" in res.output and "p (the number of factors)" in res.output
 
 
+def test_recipe_prodsum_on_a_conv_builds_prodsum_conv(cli, tmp_path, model_def, write_recipe):
+    """method prodsum on a Conv2d factorizes its unfolded kernel; the checkpoint rebuilds it."""
+    import sys
+
+    from tncompress.layers import ProdSumConv2d
+    from tncompress.models import import_file
+
+    name = import_file(model_def)
+    torch.manual_seed(0)
+    torch.save(sys.modules[name].make(16).state_dict(), tmp_path / "sd.pt")
+    recipe = write_recipe("version: 1\nlayers:\n  - {name: conv, method: prodsum, terms: 432, family: gaussian}\n")
+    arch = ("--arch", f"{name}:make", "--arch-arg", "width=16", "--import", model_def)
+    plan = cli("plan", tmp_path / "sd.pt", *arch, "-r", recipe, "--input-shape", "1,3,8,8", "--json")
+    assert plan.exit_code == 0, plan.output
+    entry = next(e for e in json.loads(plan.stdout)["layers"] if e["name"] == "conv")
+    assert entry["method"] == "prodsum_conv" and entry["params_after"] == 432 + 16
+    out = tmp_path / "ps.pt"
+    res = cli("decompose", tmp_path / "sd.pt", *arch, "-r", recipe, "-o", out, "--input-shape", "1,3,8,8")
+    assert res.exit_code == 0, res.output
+    model = tncompress.load(out, imports=[str(model_def)])
+    assert isinstance(model.conv, ProdSumConv2d)
+    dense = sys.modules[name].make(16)
+    dense.load_state_dict(torch.load(tmp_path / "sd.pt"))
+    # 432 = 16·3·3·3 Gaussian bases span the unfolded kernel: the fit is exact
+    torch.testing.assert_close(model.conv.to_dense().weight, dense.conv.weight, atol=1e-4, rtol=1e-3)
+
+
 # ---------------------------------------------------------------------------------- conv
 
 

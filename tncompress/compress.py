@@ -15,7 +15,7 @@ from torch import nn
 
 from tncompress.decompositions.ranks import tucker2_ranks_for_fraction
 from tncompress.errors import GateError
-from tncompress.layers import CPConv2d, LowRankLinear, ProdSumLinear, TTLinear, Tucker2Conv2d
+from tncompress.layers import CPConv2d, LowRankLinear, ProdSumConv2d, ProdSumLinear, TTLinear, Tucker2Conv2d
 from tncompress.planner import LayerPlan, calibration_batch, calibration_settings, dense_params, factorized_macs, make_plan
 from tncompress.recipe import Recipe
 from tncompress.surgery import set_module
@@ -70,9 +70,10 @@ def _factorize(module: nn.Module, plan: LayerPlan) -> nn.Module:
         return TTLinear.from_dense(module, ranks=c["ranks"], in_modes=c["in_modes"], out_modes=c["out_modes"])
     if plan.method == "lowrank":
         return LowRankLinear.from_dense(module, rank=c["rank"])
-    if plan.method == "prodsum":
+    if plan.method in ("prodsum", "prodsum_conv"):
         kwargs = {k: c[k] for k in ("p", "terms", "family", "seed", "widths", "g", "density")}
-        return ProdSumLinear.from_dense(module, sweeps=s.get("sweeps", 8), **kwargs)
+        cls = ProdSumConv2d if plan.method == "prodsum_conv" else ProdSumLinear
+        return cls.from_dense(module, sweeps=s.get("sweeps", 8), **kwargs)
     if plan.method == "tucker2":
         return Tucker2Conv2d.from_dense(module, ranks=tuple(c["ranks"]), method=s.get("algorithm", "hooi"),
                                         n_iter=s.get("n_iter", 20))

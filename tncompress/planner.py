@@ -15,7 +15,7 @@ from torch import nn
 from tncompress.decompositions import svd as svd_ops
 from tncompress.decompositions import tt as tt_ops
 from tncompress.errors import RankError, RecipeError
-from tncompress.layers import LAYER_CLASSES, CPConv2d, Tucker2Conv2d
+from tncompress.layers import LAYER_CLASSES, CPConv2d, ProdSumConv2d, Tucker2Conv2d
 from tncompress.recipe import COMMON_SETTING_KEYS, METHOD_KEYS, METHODS_BY_TYPE, LayerChoice, Recipe, match_layers
 from tncompress.surgery import candidate_layers, type_name
 
@@ -113,7 +113,7 @@ def dense_macs(module: nn.Module, in_shape: Sequence[int], out_shape: Sequence[i
 
 
 def factorized_macs(layer: nn.Module, in_shape: Sequence[int]) -> int:
-    if isinstance(layer, (CPConv2d, Tucker2Conv2d)):
+    if isinstance(layer, (CPConv2d, Tucker2Conv2d, ProdSumConv2d)):
         return int(layer.macs_per_sample((int(in_shape[-2]), int(in_shape[-1]))))
     positions = math.prod(in_shape[1:-1]) if len(in_shape) > 2 else 1
     return positions * int(layer.macs_per_sample())
@@ -328,14 +328,15 @@ def plan_tucker2(module: nn.Conv2d, s: dict[str, Any], where: str) -> tuple[dict
     return config, [int(r_in), int(r_out)], notes
 
 
-def plan_prodsum(module: nn.Linear, s: dict[str, Any], where: str) -> tuple[dict[str, Any], Any, list[str]]:
-    """Product-of-sums: no rank; the trainable count is Σ terms (validated by the layer itself)."""
+def plan_prodsum(module: nn.Linear | nn.Conv2d, s: dict[str, Any], where: str) -> tuple[dict[str, Any], Any, list[str]]:
+    """Product-of-sums: no rank; the trainable count is Σ terms (validated by the layer itself). A
+    Conv2d gets the same factorization of its unfolded (out, in·kh·kw) kernel."""
     sweeps = s.get("sweeps", 8)
     if not _is_int(sweeps) or sweeps < 1:
         raise RecipeError(f"{where}: sweeps (alternating least-squares sweeps for p > 1) must be a positive integer, got {sweeps!r}")
-    config = {"in_features": module.in_features, "out_features": module.out_features,
-              **{k: s[k] for k in ("p", "terms", "family", "seed", "widths", "g", "density") if k in s},
-              "bias": module.bias is not None}
+    shape = (_conv_kwargs(module) if isinstance(module, nn.Conv2d)
+             else {"in_features": module.in_features, "out_features": module.out_features, "bias": module.bias is not None})
+    config = {**shape, **{k: s[k] for k in ("p", "terms", "family", "seed", "widths", "g", "density") if k in s}}
     terms = s.get("terms", 16)
     return config, terms if isinstance(terms, list) else [terms] * s.get("p", 1), []
 
@@ -343,9 +344,14 @@ def plan_prodsum(module: nn.Linear, s: dict[str, Any], where: str) -> tuple[dict
 PLANNERS = {"tt": plan_tt, "lowrank": plan_lowrank, "cp": plan_cp, "tucker2": plan_tucker2, "prodsum": plan_prodsum}
 
 
+def _layer_method(module: nn.Module, method: str) -> str:
+    """The layer class key a recipe method builds for ``module`` (prodsum on a conv: prodsum_conv)."""
+    return "prodsum_conv" if method == "prodsum" and isinstance(module, nn.Conv2d) else method
+
+
 def _unsupported(module: nn.Module, method: str) -> str | None:
-    if method in ("cp", "tucker2"):
-        cls = LAYER_CLASSES[method]
+    if method in ("cp", "tucker2") or _layer_method(module, method) == "prodsum_conv":
+        cls = LAYER_CLASSES[_layer_method(module, method)]
         return cls.unsupported_reason(module)  # type: ignore[attr-defined]
     return None
 
@@ -392,7 +398,7 @@ def plan_layer(choice: LayerChoice, module: nn.Module, shapes: tuple[list[int], 
         return plan
     try:
         config, ranks, notes = PLANNERS[method](module, choice.settings, where)
-        layer = LAYER_CLASSES[method](**config)
+        layer = LAYER_CLASSES[_layer_method(module, method)](**config)
     except (RankError, RecipeError) as exc:
         if str(exc).startswith(where):
             raise
@@ -405,6 +411,7 @@ def plan_layer(choice: LayerChoice, module: nn.Module, shapes: tuple[list[int], 
     if method == "tt":
         plan.reason += f", modes in {config['in_modes']} out {config['out_modes']}"
     if method == "prodsum":
+        plan.method = _layer_method(module, method)
         plan.config, plan.ranks = layer.config(), list(layer.terms)
         plan.reason = f"prodsum p={layer.p}, terms {layer.terms}, family {layer.factor_config()['family']}"
     if plan.params_after >= plan.params_before:

@@ -26,7 +26,7 @@ RECIPE_VERSION = 1
 TYPES = ("Linear", "Conv2d")
 METHODS_BY_TYPE: dict[str, tuple[str, ...]] = {
     "Linear": ("tt", "lowrank", "prodsum", "none"),
-    "Conv2d": ("cp", "tucker2", "none"),
+    "Conv2d": ("cp", "tucker2", "prodsum", "none"),
 }
 METHOD_ALIASES = {"svd": "lowrank", "tucker": "tucker2", "tensor-train": "tt"}
 SELECTORS = ("name", "pattern", "regex", "type")

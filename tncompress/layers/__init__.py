@@ -19,7 +19,7 @@ LAYER_CLASSES: dict[str, type[FactorizedLayer]] = {
     "cp": CPConv2d,
     "tucker2": Tucker2Conv2d,
     "prodsum": ProdSumLinear,
-    "prodsum_conv": ProdSumConv2d,  # Python API / checkpoints; recipes apply prodsum to Linear layers
+    "prodsum_conv": ProdSumConv2d,  # what recipe method prodsum builds for a Conv2d
 }
 
 
