@@ -2,6 +2,7 @@
 Tucker-2 and the MNIST MLP), unreachable targets, and the allocation against uniform fractions."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -180,3 +181,44 @@ def test_lowrank_vbmf_floor_and_weakening():
     assert plan_lowrank(layer, {"rank": "vbmf", "weakening": 0.5}, "x")[1] == 3 + 23  # ceil(3 + 0.5·(48 − 3))
     with pytest.raises(RankError, match="weakening"):
         plan_lowrank(layer, {"rank": "vbmf", "weakening": 1.0}, "x")
+
+
+# --- selection and local search ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("method, ratio", [("lowrank", 0.02), ("lowrank", 0.05)])
+def test_refined_allocation_is_never_worse_than_uniform(method, ratio):
+    """The final allocation scores no worse than uniform fractions or the same rank everywhere on the
+    selection measure (top-1 disagreement with the dense model, measured whole), within 2% of the target."""
+    from tncompress.budget import uniform_allocate, uniform_rank_allocate
+
+    torch.manual_seed(0)
+    model = build_model(MLP).eval()
+    shape = [1, 1, 32, 32]
+    plans = make_plan(model, recipe({"Linear": {"method": method}}), shape)
+    scanned = scan_model(model, plans, Budget("params", ratio, candidates=5), shape, calibration_batch(shape, 64, 0))
+    allocation = allocate(scanned, Budget("params", ratio, candidates=5))
+    assert abs(allocation.achieved / ratio - 1) <= 0.02
+    fixed, total = scanned.fixed("params"), scanned.totals["params"]
+    costs = [lad.params.astype(float) for lad in scanned.ladders]
+    room = ratio * total - fixed
+    for baseline in (uniform_allocate(costs, room), uniform_rank_allocate(scanned.ladders, costs, room)):
+        baseline_total = fixed + sum(c[i] for c, i in zip(costs, baseline))
+        if abs(baseline_total / (ratio * total) - 1) <= 0.02:  # a baseline off the budget is no competitor
+            assert allocation.combined <= scanned.combined(baseline) + 1e-12
+    score, disagreement, kl = scanned.selection(allocation.choice)
+    assert score == allocation.combined and 0 <= disagreement <= 1 and kl >= 0
+    assert disagreement <= score < disagreement + 1e-4  # KL only breaks ties
+
+
+def test_refine_moves_within_the_window():
+    """The local search follows the whole-model score, not the per-layer proxy, and keeps the total
+    inside [lo, hi]: here the score prefers layer 0 large, the proxy says otherwise."""
+    from tncompress.budget import refine
+
+    costs = [np.arange(1, 21, dtype=float) * 10, np.arange(1, 21, dtype=float) * 10]
+    proxy = [np.linspace(1, 0, 20), np.linspace(2, 0, 20)]
+    score = lambda ch: -float(ch[0]) + 0.1 * ch[1]  # noqa: E731
+    choice, evaluations, moves = refine(score, costs, proxy, [9, 9], 190.0, 200.0, 500)
+    assert 190 <= costs[0][choice[0]] + costs[1][choice[1]] <= 200
+    assert choice[0] > 9 and choice[1] < 9 and moves >= 1 and 1 <= evaluations <= 500
+    assert score(choice) < score([9, 9])

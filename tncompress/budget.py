@@ -18,8 +18,13 @@ meets ``params_ratio`` (or ``macs_ratio``) at the least measured sensitivity.
    hull of each layer's (cost, s) curve (the Lagrangian solution), starting from all-dense.
 4. **Fix-up.** Fill what is left of the budget with the best sensitivity-per-cost moves on the full
    ladders, so the total — counted over the whole model, layers left alone included — lands within
-   2% of the target (below it when possible); compare with uniform per-layer fractions at the same
-   budget and keep the better; measure the chosen ranks (and all of them together) exactly.
+   2% of the target (below it when possible).
+5. **Select and refine.** Measure the greedy allocation, uniform per-layer fractions and the same
+   rank everywhere *whole* (every layer replaced at once) by top-1 disagreement with the dense
+   model on the calibration batch (KL breaking ties; output error for non-classifiers), start from
+   the best that meets the budget, and improve it by a bounded pairwise local search on that same
+   measure — so the result is never worse than the uniform baselines on it. Measure the chosen
+   ranks exactly.
 """
 from __future__ import annotations
 
@@ -51,6 +56,10 @@ BUDGET_METHODS = ("tt", "lowrank", "cp", "tucker2")
 TOLERANCE = 0.02          # |achieved / target − 1| allowed
 DEFAULT_CANDIDATES = 12
 DEFAULT_CP_ITERATIONS = 15
+DEFAULT_REFINE_EVALUATIONS = 120   # whole-model evaluations the local search may spend
+REFINE_STEPS = (0.2, 0.08, 0.03, 0.01)  # move sizes, as fractions of the decided layers' total cost
+REFINE_LAYERS = 4                 # with many layers, moves only between the proxy's best few
+KL_TIEBREAK = 1e-5                # KL's weight in the selection score (≤ 1e-4: below one sample in 10,000)
 
 
 class BudgetError(RecipeError):
@@ -66,6 +75,7 @@ class Budget:
     sensitivity: str = "model"        # "model" (whole-model output error) or "layer" (layer output error)
     candidates: int = DEFAULT_CANDIDATES
     cp_iterations: int = DEFAULT_CP_ITERATIONS
+    refine: int = DEFAULT_REFINE_EVALUATIONS   # whole-model evaluations for the local search (0: none)
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> Budget:
@@ -261,6 +271,29 @@ def _tt_round(cores: Sequence[torch.Tensor], caps: Sequence[int]) -> list[torch.
     return out
 
 
+def tucker2_bases(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output- and input-channel bases of a truncated HOSVD of a conv weight (layer dtype)."""
+    w = weight.detach().to(torch.float64)
+    cout, cin = w.shape[0], w.shape[1]
+    u_out = _basis(w.reshape(cout, -1))
+    u_in = _basis(w.transpose(0, 1).reshape(cin, -1))
+    return u_out.to(weight.dtype), u_in.to(weight.dtype)
+
+
+def tucker2_project(weight: torch.Tensor, bases: tuple[torch.Tensor, torch.Tensor], ranks: Sequence[int]) -> torch.Tensor:
+    """K ≈ U_out·core·U_inᵀ with core = U_outᵀ·K·U_in at ``ranks`` = (r_in, r_out), in the layer's
+    dtype (a scan needs no float64): two large products per rank."""
+    u_out, u_in = bases
+    w = weight.detach()
+    cout, cin = w.shape[0], w.shape[1]
+    wk = w.permute(0, 2, 3, 1).reshape(cout, -1, cin)          # (o, hw, i)
+    r_in, r_out = ranks
+    po, pi = u_out[:, :r_out], u_in[:, :r_in]
+    core = (po.T @ wk.reshape(cout, -1)).reshape(r_out, -1, cin) @ pi     # (ro, hw, ri)
+    k = (po @ (core @ pi.T).reshape(r_out, -1)).reshape(cout, *w.shape[2:], cin)
+    return k.permute(0, 3, 1, 2)
+
+
 def approximations(ladder: Ladder, indices: Sequence[int], budget: Budget) -> Iterator[torch.Tensor]:
     """The approximated dense weight (float64) at each requested rung, reusing one decomposition
     where truncating it is exact (low-rank) or the truncated HOSVD (Tucker-2)."""
@@ -275,20 +308,9 @@ def approximations(ladder: Ladder, indices: Sequence[int], budget: Budget) -> It
             r = int(ladder.ranks[i])
             yield left[:, :r] @ right[:r]
     elif method == "tucker2":
-        cout, cin = w.shape[0], w.shape[1]
-        u_out = _basis(w.reshape(cout, -1))
-        u_in = _basis(w.transpose(0, 1).reshape(cin, -1))
-        # Projections in the layer's dtype (a scan needs no float64): K ≈ U_out·core·U_inᵀ with
-        # core = U_outᵀ·K·U_in, two large products per rank.
-        dtype = module.weight.dtype
-        wk = w.to(dtype).permute(0, 2, 3, 1).reshape(cout, -1, cin)          # (o, hw, i)
-        u_out, u_in = u_out.to(dtype), u_in.to(dtype)
+        bases = tucker2_bases(module.weight)
         for i in indices:
-            r_in, r_out = ladder.ranks[i]
-            po, pi = u_out[:, :r_out], u_in[:, :r_in]
-            core = (po.T @ wk.reshape(cout, -1)).reshape(r_out, -1, cin) @ pi     # (ro, hw, ri)
-            k = (po @ (core @ pi.T).reshape(r_out, -1)).reshape(cout, *w.shape[2:], cin)
-            yield k.permute(0, 3, 1, 2)
+            yield tucker2_project(module.weight, bases, ladder.ranks[i])
     elif method == "tt":
         out_modes, in_modes = plan.config["out_modes"], plan.config["in_modes"]
         top = [max(ladder.ranks[i][k] for i in indices) for k in range(len(ladder.ranks[indices[0]]))]
@@ -355,6 +377,7 @@ class _Probe:
                 raw = model(batch)
                 self.reference = _flat(raw)
                 self.logits = raw.detach().double() if isinstance(raw, torch.Tensor) and raw.ndim == 2 else None
+                self.labels = self.logits.argmax(dim=1) if self.logits is not None else None
         finally:
             for h in handles:
                 h.remove()
@@ -365,9 +388,8 @@ class _Probe:
             return self.layer_error(name, module, weight)
         return self.model_error({name: (module, weight)}, kl=budget.sensitivity == "kl")
 
-    def model_error(self, replaced: dict[str, tuple[nn.Module, torch.Tensor]], kl: bool = False) -> float:
-        """Squared relative error of the model's output with some layers replaced, or with ``kl`` the
-        mean KL divergence from the dense model's predicted class distribution (classifiers)."""
+    def _run(self, replaced: dict[str, tuple[nn.Module, torch.Tensor]]) -> Any:
+        """The model's output on the calibration batch with some layers' weights replaced."""
         handles = []
         for name, (module, weight) in replaced.items():
             def hook(mod: nn.Module, args: tuple, out: Any, _w: torch.Tensor = weight) -> torch.Tensor:
@@ -375,15 +397,43 @@ class _Probe:
             handles.append(module.register_forward_hook(hook))
         try:
             with torch.no_grad():
-                raw = self.model(self.batch)
+                return self.model(self.batch)
         finally:
             for h in handles:
                 h.remove()
+
+    def _kl(self, raw: torch.Tensor) -> float:
+        ref = F.log_softmax(self.logits, dim=1)
+        value = float((ref.exp() * (ref - F.log_softmax(raw.double(), dim=1))).sum(dim=1).mean())
+        return value if math.isfinite(value) else math.inf
+
+    def model_error(self, replaced: dict[str, tuple[nn.Module, torch.Tensor]], kl: bool = False) -> float:
+        """Squared relative error of the model's output with some layers replaced, or with ``kl`` the
+        mean KL divergence from the dense model's predicted class distribution (classifiers)."""
+        raw = self._run(replaced)
         if kl and self.logits is not None and isinstance(raw, torch.Tensor):
-            ref = F.log_softmax(self.logits, dim=1)
-            value = float((ref.exp() * (ref - F.log_softmax(raw.double(), dim=1))).sum(dim=1).mean())
-            return value if math.isfinite(value) else math.inf
+            return self._kl(raw)
         return _sq_rel(self.reference, _flat(raw))
+
+    @property
+    def selection_measure(self) -> str:
+        return "top-1 disagreement" if self.logits is not None else "model output error"
+
+    def selection(self, replaced: dict[str, tuple[nn.Module, torch.Tensor]]) -> tuple[float, float, float]:
+        """(score, disagreement, KL) of a whole allocation, the measure the final choice minimises.
+        Classifiers: the fraction of calibration samples whose top-1 class differs from the dense
+        model's, KL from its predicted distribution breaking ties (weighted so that it never
+        outweighs one sample: the output error tracks accuracy poorly at high compression).
+        Other models: the squared relative output error (disagreement and KL are NaN)."""
+        raw = self._run(replaced)
+        if self.logits is None or not isinstance(raw, torch.Tensor) or raw.shape != self.logits.shape:
+            err = _sq_rel(self.reference, _flat(raw))
+            return err, math.nan, math.nan
+        if not bool(torch.isfinite(raw).all()):
+            return math.inf, 1.0, math.inf
+        disagree = float((raw.argmax(dim=1) != self.labels).double().mean())
+        kl = self._kl(raw)
+        return disagree + KL_TIEBREAK * min(kl, 10.0), disagree, kl
 
     def layer_error(self, name: str, module: nn.Module, weight: torch.Tensor) -> float:
         """Squared relative error of the layer's own output, bias left out (a large bias would
@@ -539,17 +589,53 @@ class BudgetScan:
         """Cost of everything the budget does not decide (other layers, norms, biases elsewhere…)."""
         return self.totals[metric] - sum(int(lad.cost(metric)[-1]) for lad in self.ladders)
 
+    _cache: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    _factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _scores: dict[tuple[int, ...], tuple[float, float, float]] = field(default_factory=dict, repr=False)
+
+    def weight(self, layer: int, rung: int) -> torch.Tensor:
+        """The approximated weight of one ladder's rung, cached (the local search revisits rungs;
+        low-rank slices one SVD per layer)."""
+        key = (layer, rung)
+        if key not in self._cache:
+            lad = self.ladders[layer]
+            if len(self._cache) >= 256:
+                self._cache.clear()
+            if lad.plan.method == "lowrank":
+                if layer not in self._factors:
+                    from tncompress.decompositions.svd import truncated_svd
+
+                    top = int(lad.ranks[lad.dense - 1])
+                    self._factors[layer] = truncated_svd(lad.module.weight.detach().to(torch.float64), top)
+                left, right = self._factors[layer]
+                r = int(lad.ranks[rung])
+                w = left[:, :r] @ right[:r]
+            elif lad.plan.method == "tucker2":
+                if layer not in self._factors:
+                    self._factors[layer] = tucker2_bases(lad.module.weight)
+                w = tucker2_project(lad.module.weight, self._factors[layer], lad.ranks[rung])
+            else:
+                w = next(approximations(lad, [rung], self.budget))
+            self._cache[key] = w.to(lad.module.weight.dtype)
+        return self._cache[key]
+
     def weights(self, choice: Sequence[int]) -> dict[str, tuple[nn.Module, torch.Tensor]]:
         """The approximated weight of every layer the allocation ``choice`` does not leave dense."""
-        return {lad.plan.name: (lad.module, next(approximations(lad, [rung], self.budget)))
-                for lad, rung in zip(self.ladders, choice) if rung != lad.dense}
+        return {lad.plan.name: (lad.module, self.weight(k, rung))
+                for k, (lad, rung) in enumerate(zip(self.ladders, choice)) if rung != lad.dense}
 
-    def combined(self, choice: Sequence[int], budget: Budget) -> float:
-        """The measured error with every layer of ``choice`` replaced at once (KL for ``kl``, else
-        the squared relative model-output error): the real objective, which the per-layer sum
-        only approximates."""
-        weights = self.weights(choice)
-        return self.probe.model_error(weights, kl=budget.sensitivity == "kl") if weights else 0.0
+    def selection(self, choice: Sequence[int]) -> tuple[float, float, float]:
+        """(score, disagreement, KL) with every layer of ``choice`` replaced at once — see
+        :meth:`_Probe.selection`; the real objective, which the per-layer sum only approximates."""
+        key = tuple(int(i) for i in choice)
+        if key not in self._scores:
+            weights = self.weights(choice)
+            self._scores[key] = self.probe.selection(weights) if weights else (0.0, 0.0, 0.0)
+        return self._scores[key]
+
+    def combined(self, choice: Sequence[int], budget: Budget | None = None) -> float:
+        """The selection score of ``choice`` (lower is better)."""
+        return self.selection(choice)[0]
 
 
 @dataclass
@@ -561,9 +647,15 @@ class Allocation:
     achieved: float
     objective: float                  # Σ per-layer sensitivities of the choice (the additive proxy)
     uniform_objective: float          # the same for uniform fractions at the same budget
-    used_uniform: bool
-    combined: float = math.nan        # measured with all chosen layers replaced at once
-    uniform_combined: float = math.nan
+    used_uniform: bool                # the choice is the uniform per-layer fractions
+    combined: float = math.nan        # selection score with all chosen layers replaced at once
+    uniform_combined: float = math.nan           # the same for uniform per-layer fractions
+    uniform_ranks_combined: float = math.nan     # … for the same rank on every layer
+    greedy_combined: float = math.nan            # … for the greedy allocation
+    start: str = "greedy"             # where the local search started
+    evaluations: int = 0              # whole-model evaluations of the local search
+    moves: int = 0                    # moves it accepted
+    refine_seconds: float = 0.0
 
 
 def _whole_model_totals(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
@@ -618,20 +710,146 @@ def allocate(scanned: BudgetScan, budget: Budget) -> Allocation:
     if sum(c[i] for c, i in zip(costs, choice)) + fixed < target * (1 - TOLERANCE):
         choice = _nudge(costs, sens, choice, fixed, target)
     uniform = uniform_allocate(costs, room)
-    ours, theirs = objective(sens, choice), objective(sens, uniform)
-    # the per-layer sum is only a proxy: measure both allocations whole and keep the better
-    combined = scanned.combined(choice, budget)
-    uniform_combined = scanned.combined(uniform, budget)
-    used_uniform = (uniform_combined < combined
-                    and _within(sum(c[i] for c, i in zip(costs, uniform)) + fixed, target))
-    if used_uniform:
-        choice, ours, combined = uniform, theirs, uniform_combined
-    achieved = fixed + sum(c[i] for c, i in zip(costs, choice))
+    uniform_r = uniform_rank_allocate(scanned.ladders, costs, room)
+    theirs = objective(sens, uniform)
+
+    def spent(ch: Sequence[int]) -> float:
+        return float(sum(c[i] for c, i in zip(costs, ch)))
+
+    # the per-layer sum is only a proxy: measure the candidates whole, start from the best one that
+    # meets the budget and improve it by a local search on the same whole-model measure
+    started = time.perf_counter()
+    starts = [("greedy", choice), ("uniform fractions", uniform), ("uniform ranks", uniform_r)]
+    scores = {name: scanned.combined(ch) for name, ch in starts}
+    valid = [(scores[name], k, name, ch) for k, (name, ch) in enumerate(starts) if _within(spent(ch) + fixed, target)]
+    evaluations = moves = 0
+    start = "greedy"
+    if valid:
+        _, _, start, choice = min(valid)
+        hi = max(target, spent(choice) + fixed) - fixed
+        lo = target * (1 - TOLERANCE) - fixed
+        choice, evaluations, moves = refine(scanned.combined, costs, sens, list(choice), lo, hi, budget.refine)
+    combined = scanned.combined(choice)
+    used_uniform = list(choice) == list(uniform)
+    achieved = fixed + spent(choice)
     if not _within(achieved, target):
         raise BudgetError(f"{source}: budget {budget.label}: the closest allocation found gives "
                           f"{achieved / total:.4g} of the model's {unit}, more than {TOLERANCE:.0%} off; the "
                           "layers' rank steps are too coarse for this model — try another ratio")
-    return Allocation(budget, choice, achieved / total, ours, theirs, bool(used_uniform), combined, uniform_combined)
+    seconds = time.perf_counter() - started
+    log.info("budget %s: start %s (greedy %.4g, uniform fractions %.4g, uniform ranks %.4g), local search "
+             "%d evaluations, %d moves → %.4g in %.2fs", budget.label, start, scores["greedy"],
+             scores["uniform fractions"], scores["uniform ranks"], evaluations, moves, combined, seconds)
+    return Allocation(budget, list(choice), achieved / total, objective(sens, choice), theirs, used_uniform,
+                      combined, scores["uniform fractions"], scores["uniform ranks"], scores["greedy"], start,
+                      evaluations, moves, seconds)
+
+
+def rank_size(rank: Any) -> int:
+    """One number per rank configuration, for "the same rank on every layer": the rank itself, or
+    the largest of a list (TT bonds, Tucker-2 pairs)."""
+    return int(max(rank)) if isinstance(rank, (list, tuple)) else int(rank)
+
+
+def uniform_rank_allocate(ladders: Sequence[Ladder], costs: list[np.ndarray], room: float) -> list[int]:
+    """The same rank r on every layer (a layer whose ladder stops below r stays dense), with the
+    largest r whose total fits ``room``: the usual hand-made baseline, which uniform fractions miss
+    when layers differ in shape (a small classifier layer gets rank 1 from a fraction)."""
+    sizes = [np.array([rank_size(r) for r in lad.ranks[: lad.dense]], dtype=np.int64) for lad in ladders]
+
+    def pick(r: int) -> list[int]:
+        out = []
+        for lad, sz in zip(ladders, sizes):
+            fits = np.flatnonzero(sz <= r)
+            out.append(lad.dense if not sz.size or r > sz[-1] else int(fits[-1]) if fits.size else 0)
+        return out
+
+    best = pick(0)
+    for r in sorted({int(v) for sz in sizes for v in sz}):
+        ch = pick(r)
+        if sum(c[i] for c, i in zip(costs, ch)) <= room:
+            best = ch
+    return best
+
+
+def refine(score: Callable[[Sequence[int]], float], costs: list[np.ndarray], sens: list[np.ndarray],
+           choice: list[int], lo: float, hi: float, max_evaluations: int) -> tuple[list[int], int, int]:
+    """Local search on the whole-model ``score``: pairwise moves (one layer up by about a step, another
+    down as far as needed to keep the total in [``lo``, ``hi``]), or one layer up where the window
+    allows; the best improving move of each round is taken, steps from coarse to fine, at most
+    ``max_evaluations`` scores. With many layers only the per-layer proxy's best few raise/lower
+    candidates are paired, so a round stays small. Returns (choice, evaluations, moves)."""
+    current = list(choice)
+    best = score(current)
+    evaluations = moves = 0
+    n = len(costs)
+    for frac in REFINE_STEPS:
+        while evaluations < max_evaluations:
+            total = float(sum(c[i] for c, i in zip(costs, current)))
+            candidates = _moves(costs, sens, current, frac * total, total, lo, hi, n)
+            found: tuple[float, list[int]] | None = None
+            for cand in candidates:
+                if evaluations >= max_evaluations:
+                    break
+                evaluations += 1
+                value = score(cand)
+                if value < best - 1e-12 and (found is None or value < found[0]):
+                    found = (value, cand)
+            if found is None:
+                break
+            best, current = found
+            moves += 1
+    return current, evaluations, moves
+
+
+def _moves(costs: list[np.ndarray], sens: list[np.ndarray], current: list[int], step: float, total: float,
+           lo: float, hi: float, n: int) -> list[list[int]]:
+    """The candidate allocations one move away from ``current`` (see :func:`refine`)."""
+    ups: list[tuple[float, int, int]] = []       # (proxy gain per cost, layer, new rung)
+    for i, c in enumerate(costs):
+        cur = current[i]
+        larger = np.flatnonzero(c > c[cur])
+        if not larger.size:
+            continue
+        reach = larger[c[larger] >= c[cur] + step]
+        j = int(reach[np.argmin(c[reach])]) if reach.size else int(larger[np.argmax(c[larger])])
+        ups.append(((sens[i][cur] - sens[i][j]) / max(float(c[j] - c[cur]), 1.0), i, j))
+    downs: list[tuple[float, int]] = []          # (proxy loss per cost at the step, layer)
+    for i, c in enumerate(costs):
+        cur = current[i]
+        smaller = np.flatnonzero(c < c[cur])
+        if smaller.size:
+            reach = smaller[c[smaller] <= c[cur] - step]
+            j = int(reach[np.argmax(c[reach])]) if reach.size else int(smaller[np.argmin(c[smaller])])
+            downs.append(((sens[i][j] - sens[i][cur]) / max(float(c[cur] - c[j]), 1.0), i))
+    if n > REFINE_LAYERS + 2:
+        ups = sorted(ups, key=lambda t: -t[0])[:REFINE_LAYERS]
+        downs = sorted(downs)[:REFINE_LAYERS]
+    out: list[list[int]] = []
+    seen: set[tuple[int, ...]] = set()
+
+    def add(cand: list[int]) -> None:
+        key = tuple(cand)
+        if key not in seen and key != tuple(current):
+            seen.add(key)
+            out.append(cand)
+
+    for _, i, up in ups:
+        added = float(costs[i][up] - costs[i][current[i]])
+        if lo <= total + added <= hi:
+            add([up if k == i else r for k, r in enumerate(current)])
+        for _, j in downs:
+            if j == i:
+                continue
+            c, cur = costs[j], current[j]
+            # the largest rung of layer j that brings the total back under hi
+            fits = np.flatnonzero((c < c[cur]) & (total + added - c[cur] + c <= hi))
+            if not fits.size:
+                continue
+            down = int(fits[np.argmax(c[fits])])
+            if total + added - c[cur] + c[down] >= lo:
+                add([up if k == i else down if k == j else r for k, r in enumerate(current)])
+    return out
 
 
 def _replan(ladder: Ladder, rung: int, shapes: tuple[list[int], list[int]], source: str) -> LayerPlan:
@@ -659,6 +877,7 @@ def finish(scanned: BudgetScan, allocation: Allocation) -> BudgetedPlan:
             lad.sens[rung] = probe.measure(budget, lad.plan.name, lad.module, w)
             lad.measured[rung] = True
     combined = math.sqrt(probe.model_error(weights)) if weights else 0.0
+    _, disagreement, kl_final = scanned.selection(allocation.choice)
 
     unit = "parameter" if budget.metric == "params" else "MAC"
     out = list(scanned.plans)
@@ -686,6 +905,11 @@ def finish(scanned: BudgetScan, allocation: Allocation) -> BudgetedPlan:
                "sensitivity": budget.sensitivity, "objective": allocation.objective,
                "uniform_objective": allocation.uniform_objective, "used_uniform": allocation.used_uniform,
                "combined": allocation.combined, "uniform_combined": allocation.uniform_combined,
+               "uniform_ranks_combined": allocation.uniform_ranks_combined,
+               "greedy_combined": allocation.greedy_combined, "selection_measure": probe.selection_measure,
+               "disagreement": disagreement, "kl": kl_final, "start": allocation.start,
+               "refine_evaluations": allocation.evaluations, "refine_moves": allocation.moves,
+               "refine_seconds": round(allocation.refine_seconds, 3),
                "model_output_error": combined, "layers": len(scanned.ladders),
                "candidates": int(sum(lad.dense for lad in scanned.ladders)),
                "measured": int(sum(int(lad.measured[: lad.dense].sum()) for lad in scanned.ladders)),
