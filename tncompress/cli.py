@@ -207,13 +207,15 @@ def _print_budget(summary: dict[str, Any] | None) -> None:
     if not summary:
         return
     unit = "params" if summary["metric"] == "params" else "MACs"
-    how = "uniform per-layer fractions (they did better here)" if summary["used_uniform"] else "measured sensitivity"
     console.print(f"budget {summary['metric']}_ratio {summary['target_ratio']:g}: achieved "
                   f"{summary['achieved_ratio']:.4f} ({summary['achieved']:,} of {summary['total']:,} {unit}, whole model); "
-                  f"ranks by {how} (a rank in the recipe is ignored; Δ = {_SENSITIVITY[summary['sensitivity']]} with "
-                  f"only that layer replaced); all layers together: {summary['combined']:.4g} against "
-                  f"{summary['uniform_combined']:.4g} for uniform per-layer fractions, model output error "
-                  f"{summary['model_output_error']:.3g}; "
+                  f"ranks by measured sensitivity (a rank in the recipe is ignored; Δ = "
+                  f"{_SENSITIVITY[summary['sensitivity']]} with only that layer replaced), then a local search from "
+                  f"the best of greedy / uniform fractions / uniform ranks (started from {summary['start']}: "
+                  f"{summary['refine_moves']} moves, {summary['refine_evaluations']} evaluations); all layers together, "
+                  f"{summary['selection_measure']}: {summary['combined']:.4g} against greedy "
+                  f"{summary['greedy_combined']:.4g}, uniform fractions {summary['uniform_combined']:.4g}, uniform ranks "
+                  f"{summary['uniform_ranks_combined']:.4g}; model output error {summary['model_output_error']:.3g}; "
                   f"scan {summary['scan_seconds']:.1f} s ({summary['measured']} of {summary['candidates']} candidate "
                   f"ranks measured over {summary['layers']} layers, {summary['calibration_samples']} calibration samples)",
                   highlight=False)
