@@ -43,7 +43,7 @@ echo "== 5. ResNet-18 (10 classes, random weights: no download) with the CP and 
 ARCH=(--arch torchvision:resnet18 --arch-arg num_classes=10 --input-shape 1,3,32,32)
 "$TNC" decompose "$OUT/r18.pt" "${ARCH[@]}" --recipe configs/resnet18-tucker.yaml -o "$OUT/r18-tucker.pt"
 "$TNC" decompose "$OUT/r18.pt" "${ARCH[@]}" --recipe configs/resnet18-cp.yaml -o "$OUT/r18-cp.pt"
-"$TNC" report "$OUT/r18.pt" "$OUT/r18-tucker.pt" "$OUT/r18-cp.pt" --input-shape 1,3,32,32 --latency
+"$TNC" report "$OUT/r18.pt" "$OUT/r18-tucker.pt" "$OUT/r18-cp.pt" --input-shape 1,3,32,32 --latency --channels-last
 "$TNC" report "$OUT/r18.pt" "$OUT/r18-tucker.pt" "$OUT/r18-cp.pt" --input-shape 1,3,32,32 --markdown -o "$OUT/report-r18.md" > /dev/null
 
 echo "demo finished ($DATASET): outputs and Markdown reports in $OUT/"
