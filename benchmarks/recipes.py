@@ -84,8 +84,8 @@ def main() -> None:
             result = decompose(base, load_recipe(recipe_path), input_shape=shape)
             rows.append((recipe_path, result, time.perf_counter() - start))
         models = [base] + [r[1].model for r in rows]
-        lat = interleaved_latencies(models, shape, 1)
-        big_lat = interleaved_latencies(models, shape, big, rounds=5, per_round=1)
+        lat = interleaved_latencies(models, shape, 1, rounds=15)
+        big_lat = interleaved_latencies(models, shape, big, rounds=9, per_round=1)
         for i, (recipe_path, result, seconds) in enumerate([(None, None, None), *rows]):
             model = models[i]
             p1, m1 = count_params(model), count_macs(model, x).total
