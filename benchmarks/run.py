@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tncompress.checkpoint import atomic_write
+
 HERE = Path(__file__).parent
 DOCS = HERE.parent / "docs"
 PARTS = {
@@ -141,9 +143,7 @@ def write_report() -> Path:
         # Demote the part's headings one level so they sit under this page's title.
         lines += ["#" + line if line.startswith("#") else line for line in text] + [""]
     out = DOCS / "benchmarks.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    atomic_write(out, lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
     return out
 
 

@@ -143,6 +143,7 @@ def test_cli_leaves_openmp_policy_alone_for_report_only():
     code = ("import os, sys; sys.argv = ['tncompress'] + sys.argv[1:]; import tncompress.cli; "
             "print(os.environ.get('OMP_WAIT_POLICY', 'unset'))")
     env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
-    for argv, expected in ((["report", "x.pt"], "unset"), (["decompose", "x.pt"], "PASSIVE")):
+    for argv, expected in ((["report", "x.pt"], "unset"), (["--debug", "-v", "report", "x.pt"], "unset"),
+                           (["decompose", "report.pt"], "PASSIVE")):
         out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, check=True)
         assert out.stdout.strip() == expected, (argv, out.stdout, out.stderr)

@@ -24,7 +24,8 @@ from tncompress.errors import EXIT_GATE, EXIT_INTERNAL, TncompressError
 # so the heavy commands let idle threads sleep. `report` keeps OpenMP's default: sleeping threads cost
 # tens of µs to wake for every small op, which made batch-1 latency up to 2× worse than a deployed
 # model sees (docs/performance.md). An OMP_WAIT_POLICY set by the user always wins.
-if not any(arg == "report" for arg in sys.argv[1:3]):
+_COMMAND = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+if _COMMAND != "report":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 F = TypeVar("F", bound=Callable[..., Any])
