@@ -46,6 +46,7 @@ def assert_user_error(result: CliResult, *needles: str) -> None:
     assert "Traceback" not in result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert result.stderr.startswith("error:"), repr(result.stderr)  # nothing (not even a blank line) before it
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
 

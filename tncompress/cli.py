@@ -529,6 +529,8 @@ def _run_training(loaded, output: Path, data, config, teacher, resume: bool, ext
             console.print(payload["train"], highlight=False)
             console.print(payload["test"], highlight=False)
         elif event == "epoch_start":
+            if not progress.live.is_started:
+                progress.start()  # only once training runs: a data error must stay a single line
             task_ids["epoch"] = progress.add_task(f"epoch {payload['epoch']}/{config.epochs}",
                                                   total=payload.get("steps_per_epoch"), stats="")
         elif event == "batch" and "epoch" in task_ids:
@@ -543,13 +545,15 @@ def _run_training(loaded, output: Path, data, config, teacher, resume: bool, ext
                           f"{payload.get('images_per_second', 0):,.0f} img/s, {payload.get('seconds', 0):.1f} s",
                           highlight=False)
 
-    with progress:
-        try:
-            result = train_and_save(loaded, output, data, config, teacher=teacher, resume=resume, on_event=on_event,
-                                    extra_metadata=extra)
-        except KeyboardInterrupt:
-            raise TncompressError(f"interrupted; the last finished epoch is saved — continue with the same command "
-                                  f"and --resume (state in {output}.state.pt)") from None
+    try:
+        result = train_and_save(loaded, output, data, config, teacher=teacher, resume=resume, on_event=on_event,
+                                extra_metadata=extra)
+    except KeyboardInterrupt:
+        raise TncompressError(f"interrupted; the last finished epoch is saved — continue with the same command "
+                              f"and --resume (state in {output}.state.pt)") from None
+    finally:
+        if progress.live.is_started:
+            progress.stop()
     console.print(f"done: best test top-1 {result.best_top1:.2f}% (epoch {result.best_epoch}), final "
                   f"{result.history[-1]['test_top1']:.2f}% on {data.name}; {result.device}, amp {result.amp}; "
                   f"wrote {output}", highlight=False)
