@@ -157,10 +157,18 @@ recipe_case("energy-above-one", "version: 1\nlayers: [{name: classifier.1, metho
 recipe_case("cp-without-rank", "version: 1\nlayers: [{name: features.3, method: cp}]\n",
             "layer features.3", "needs a rank")
 recipe_case("cp-bad-form", "version: 1\nlayers: [{name: features.3, method: cp, rank: 4, form: 5conv}]\n",
-            "layer features.3", "form must be")
+            "layers[0]", "form must be")
+# method settings are typed and checked where the recipe enters, before any layer is touched
+recipe_case("tucker2-n-iter-word", "version: 1\nlayers: [{name: features.3, method: tucker2, rank: 4, n_iter: ten}]\n",
+            "layers[0]", "n_iter must be a positive integer, got 'ten'")
+recipe_case("cp-negative-tol", "version: 1\ndefaults: {Conv2d: {method: cp, rank: 4, tol: -1}}\n",
+            "defaults.Conv2d", "tol must be a non-negative number")
+recipe_case("setting-only-rule-bad-value",
+            "version: 1\ndefaults: {Conv2d: {method: tucker2, rank: 4}}\nlayers: [{name: features.3, n_iter: 0}]\n",
+            "layers[0]", "n_iter must be a positive integer")
 recipe_case("tucker2-bad-algorithm",
             "version: 1\nlayers: [{name: features.3, method: tucker2, rank: 4, algorithm: magic}]\n",
-            "layer features.3", "algorithm must be")
+            "layers[0]", "algorithm must be")
 recipe_case("modes-product-differs",
             "version: 1\nlayers: [{name: classifier.1, method: tt, in_modes: [4, 4, 4], out_modes: [2, 6, 10]}]\n",
             "layer classifier.1", "in_modes [4, 4, 4] multiply to 64", "400 input features")

@@ -12,7 +12,8 @@ from tncompress.compress import decompose
 from tncompress.errors import RankError, RecipeError
 from tncompress.measure import count_macs, count_params
 from tncompress.models import ModelSpec, build_model
-from tncompress.planner import calibration_batch, make_plan
+from tncompress.compress import make_plan
+from tncompress.planner import calibration_batch
 from tncompress.recipe import parse_recipe
 from tncompress.surgery import apply_structure
 
@@ -170,17 +171,23 @@ def test_cli_plan_shows_the_allocation_and_unreachable_errors(cli, tmp_path, wri
 
 def test_lowrank_vbmf_floor_and_weakening():
     """The per-layer VBMF rule for low-rank honours floor and weakening, like Tucker-2's."""
-    from tncompress.planner import plan_lowrank
+    from tncompress.errors import RecipeError
+    from tncompress.methods import get_method
+
+    method = get_method("lowrank")
+
+    def plan_lowrank(settings: dict) -> int:
+        return method.plan(layer, method.parse(settings, "x"), "x").ranks
 
     torch.manual_seed(0)
     layer = nn.Linear(64, 48)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(48, 3) @ torch.randn(3, 64) + 0.01 * torch.randn(48, 64))
-    assert plan_lowrank(layer, {"rank": "vbmf"}, "x")[1] == 3
-    assert plan_lowrank(layer, {"rank": "vbmf", "floor": 5}, "x")[1] == 5
-    assert plan_lowrank(layer, {"rank": "vbmf", "weakening": 0.5}, "x")[1] == 3 + 23  # ceil(3 + 0.5·(48 − 3))
-    with pytest.raises(RankError, match="weakening"):
-        plan_lowrank(layer, {"rank": "vbmf", "weakening": 1.0}, "x")
+    assert plan_lowrank({"rank": "vbmf"}) == 3
+    assert plan_lowrank({"rank": "vbmf", "floor": 5}) == 5
+    assert plan_lowrank({"rank": "vbmf", "weakening": 0.5}) == 3 + 23  # ceil(3 + 0.5·(48 − 3))
+    with pytest.raises(RecipeError, match="x: weakening must be a number in"):
+        plan_lowrank({"rank": "vbmf", "weakening": 1.0})
 
 
 # --- selection and local search ---------------------------------------------------------------------

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tncompress.errors import TncompressError
 from tncompress.models import ModelSpec, build_model
-from tncompress.planner import make_plan
+from tncompress.compress import make_plan
 from tncompress.recipe import load_recipe, parse_recipe
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))

@@ -7,7 +7,7 @@ import torch
 from tncompress.compress import decompose
 from tncompress.measure import count_macs, count_params
 from tncompress.models import ModelSpec, build_model
-from tncompress.planner import make_plan
+from tncompress.compress import make_plan
 from tncompress.recipe import load_recipe
 from tncompress.surgery import apply_structure
 

@@ -23,7 +23,7 @@ _EXPORTS = {
     "load_model": "tncompress.checkpoint",
     "load_recipe": "tncompress.recipe",
     "parse_recipe": "tncompress.recipe",
-    "make_plan": "tncompress.planner",
+    "make_plan": "tncompress.compress",
     "ModelSpec": "tncompress.models",
     "build_model": "tncompress.models",
     "build_report": "tncompress.report",

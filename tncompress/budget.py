@@ -41,18 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tncompress.decompositions.ranks import cp_params, tucker2_params
-from tncompress.decompositions.tucker2 import small_lapack
-from tncompress.decompositions.tt import max_tt_ranks, tt_matrix_svd, tt_matrix_to_full, tt_param_count
 from tncompress.errors import RecipeError
-from tncompress.layers import LAYER_CLASSES
-from tncompress.planner import (LayerPlan, calibration_batch, calibration_settings, factorized_macs,
-                                plan_layer)
+from tncompress.methods import all_methods, method_for_layer
+from tncompress.methods.base import Method, Settings
+from tncompress.planner import LayerPlan, Plan, calibration_batch, calibration_settings, plan_layer
 from tncompress.recipe import LayerChoice, Recipe
 
 log = logging.getLogger(__name__)
 
-BUDGET_METHODS = ("tt", "lowrank", "cp", "tucker2")
+BUDGET_METHODS = tuple(name for name, m in all_methods().items() if m.supports_budget)  # tt, lowrank, cp, tucker2
 TOLERANCE = 0.02          # |achieved / target − 1| allowed
 DEFAULT_CANDIDATES = 12
 DEFAULT_CP_ITERATIONS = 15
@@ -88,14 +85,6 @@ class Budget:
         return f"{self.metric}_ratio {self.ratio:g}"
 
 
-class BudgetedPlan(list):
-    """A plan (a list of :class:`LayerPlan`) that also carries the allocation summary in ``budget``."""
-
-    def __init__(self, plans: Sequence[LayerPlan], summary: dict[str, Any]) -> None:
-        super().__init__(plans)
-        self.budget = summary
-
-
 @dataclass
 class Ladder:
     """One layer's candidate rank configurations, cheapest first; the last rung is "dense"."""
@@ -120,116 +109,20 @@ class Ladder:
         return "–" if self.dense == 0 else f"{self.ranks[0]}..{self.ranks[self.dense - 1]}"
 
 
-# --- recipe hook -----------------------------------------------------------------------------------
-
-def budget_choice(choice: LayerChoice) -> LayerChoice:
-    """The choice with a placeholder rank, for a layer whose rank the budget decides (any rank the
-    recipe gives is ignored; CP then needs none)."""
-    method = choice.settings.get("method")
-    if choice.excluded_by or method not in BUDGET_METHODS:
-        return choice
-    return LayerChoice(choice.name, choice.type_name, {**choice.settings, "rank": 1}, choice.rules,
-                       choice.decided_by, choice.excluded_by)
-
-
 # --- ladders -------------------------------------------------------------------------------------
 
-def _meta_layer(method: str, config: dict[str, Any]) -> nn.Module:
-    with torch.device("meta"):
-        return LAYER_CLASSES[method](**config)
+def _method(plan: LayerPlan) -> Method:
+    return method_for_layer(plan.method)
 
 
-def _meta_macs(method: str, config: dict[str, Any], in_shape: Sequence[int]) -> int:
-    return factorized_macs(_meta_layer(method, config), in_shape)
-
-
-def _ladder_lowrank(module: nn.Linear, plan: LayerPlan, want_macs: bool) -> tuple[list[Any], list[int], list[int]]:
-    m, n = module.out_features, module.in_features
-    bias = m if module.bias is not None else 0
-    positions = max(1, plan.macs_before // (m * n))
-    ranks = [r for r in range(1, min(m, n) + 1) if r * (m + n) < m * n]
-    return ranks, [r * (m + n) + bias for r in ranks], [positions * r * (m + n) for r in ranks]
-
-
-def _ladder_cp(module: nn.Conv2d, plan: LayerPlan, want_macs: bool) -> tuple[list[Any], list[int], list[int]]:
-    shape = tuple(module.weight.shape)
-    form = plan.config["form"]
-    per, dense_w = cp_params(shape, 1, form), math.prod(shape)
-    bias = shape[0] if module.bias is not None else 0
-    macs1 = _meta_macs("cp", {**plan.config, "rank": 1}, plan.input_shape or []) if want_macs else 0
-    ranks = [r for r in range(1, dense_w // per + 1) if r * per < dense_w]
-    return ranks, [r * per + bias for r in ranks], [r * macs1 for r in ranks]
-
-
-def _ladder_tucker2(module: nn.Conv2d, plan: LayerPlan, want_macs: bool) -> tuple[list[Any], list[int], list[int]]:
-    shape = tuple(module.weight.shape)
-    cout, cin = shape[0], shape[1]
-    dense_w = math.prod(shape)
-    bias = cout if module.bias is not None else 0
-    pairs: list[tuple[int, int]] = []
-    r_in = r_out = 1
-    while tucker2_params(shape, r_out, r_in) < dense_w:
-        pairs.append((r_in, r_out))
-        if r_in == cin and r_out == cout:
-            break
-        if r_out < cout and (r_in == cin or r_out / cout <= r_in / cin):
-            r_out += 1
-        else:
-            r_in += 1
-    macs: list[int] = [0] * len(pairs)
-    if want_macs and pairs:
-        in_shape = plan.input_shape or []
-
-        def at(ri: int, ro: int) -> int:
-            return _meta_macs("tucker2", {**plan.config, "ranks": [ri, ro]}, in_shape)
-
-        if cin >= 2 and cout >= 2:  # MACs are a·r_in + b·r_in·r_out + c·r_out exactly (three convs)
-            m11, m21, m12 = at(1, 1), at(2, 1), at(1, 2)
-            b = m21 + m12 - 3 * m11
-            a, c = m21 - m11 - b, m12 - m11 - b
-            macs = [a * ri + b * ri * ro + c * ro for ri, ro in pairs]
-        else:
-            macs = [at(ri, ro) for ri, ro in pairs]
-    return ([list(p) for p in pairs], [tucker2_params(shape, ro, ri) + bias for ri, ro in pairs], macs)
-
-
-def _ladder_tt(module: nn.Linear, plan: LayerPlan, want_macs: bool) -> tuple[list[Any], list[int], list[int]]:
-    out_modes, in_modes = plan.config["out_modes"], plan.config["in_modes"]
-    maxima = max_tt_ranks(out_modes, in_modes)
-    dense_w = module.out_features * module.in_features
-    bias = module.out_features if module.bias is not None else 0
-    ranks: list[list[int]] = []
-    current = [1] * len(maxima)
-    if maxima and tt_param_count(out_modes, in_modes, current) < dense_w:
-        ranks.append(list(current))
-        r = 1
-        growing = True
-        while growing and current != maxima:
-            r += 1
-            for k, mx in enumerate(maxima):  # towards uniform rank r, one bond at a time
-                if min(r, mx) > current[k]:
-                    trial = list(current)
-                    trial[k] = min(r, mx)
-                    if tt_param_count(out_modes, in_modes, trial) >= dense_w:
-                        growing = False
-                        break
-                    current = trial
-                    ranks.append(list(current))
-    params = [tt_param_count(out_modes, in_modes, rk) + bias for rk in ranks]
-    in_shape = plan.input_shape or []
-    macs = ([_meta_macs("tt", {**plan.config, "ranks": rk}, in_shape) for rk in ranks] if want_macs
-            else [0] * len(ranks))
-    return ranks, params, macs
-
-
-LADDERS: dict[str, Callable[[Any, LayerPlan, bool], tuple[list[Any], list[int], list[int]]]] = {
-    "lowrank": _ladder_lowrank, "cp": _ladder_cp, "tucker2": _ladder_tucker2, "tt": _ladder_tt,
-}
+def _settings(plan: LayerPlan) -> Settings:
+    return _method(plan).parse(plan.settings, plan.name)
 
 
 def build_ladder(module: nn.Module, plan: LayerPlan, want_macs: bool = True) -> Ladder:
     """Every compressing rank configuration of one planned layer, plus dense as the last rung."""
-    ranks, params, macs = LADDERS[plan.method](module, plan, want_macs)
+    ranks, params, macs = _method(plan).ladder(module, plan.config, plan.input_shape or [], plan.macs_before,
+                                               want_macs)
     ranks = [*ranks, None]
     params = np.array([*params, plan.params_before], dtype=np.int64)
     macs = np.array([*macs, plan.macs_before], dtype=np.int64)
@@ -248,84 +141,12 @@ def grid_indices(params: np.ndarray, count: int) -> list[int]:
 
 # --- sensitivity ---------------------------------------------------------------------------------
 
-def _basis(matrix: torch.Tensor) -> torch.Tensor:
-    """All left singular vectors of ``matrix`` (rows × anything), dominant first, from its Gram matrix."""
-    gram = matrix @ matrix.T
-    with small_lapack(gram.shape[0]):
-        _, vecs = torch.linalg.eigh(0.5 * (gram + gram.T))
-    return vecs.flip(-1)
-
-
-def _tt_round(cores: Sequence[torch.Tensor], caps: Sequence[int]) -> list[torch.Tensor]:
-    """Truncate left-orthonormal TT cores (as TT-SVD returns them) to bond ranks ``caps`` by
-    right-to-left truncated SVDs (TT rounding): the scan then needs one TT-SVD per layer, not one
-    per rank."""
-    out = list(cores)
-    for k in range(len(out) - 1, 0, -1):
-        r0, m, n, r1 = out[k].shape
-        with small_lapack(r0):
-            u, s, vh = torch.linalg.svd(out[k].reshape(r0, m * n * r1), full_matrices=False)
-        r = min(int(caps[k - 1]), s.numel())
-        out[k] = vh[:r].reshape(r, m, n, r1)
-        out[k - 1] = torch.einsum("abcd,de->abce", out[k - 1], u[:, :r] * s[:r])
-    return out
-
-
-def tucker2_bases(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The output- and input-channel bases of a truncated HOSVD of a conv weight (layer dtype)."""
-    w = weight.detach().to(torch.float64)
-    cout, cin = w.shape[0], w.shape[1]
-    u_out = _basis(w.reshape(cout, -1))
-    u_in = _basis(w.transpose(0, 1).reshape(cin, -1))
-    return u_out.to(weight.dtype), u_in.to(weight.dtype)
-
-
-def tucker2_project(weight: torch.Tensor, bases: tuple[torch.Tensor, torch.Tensor], ranks: Sequence[int]) -> torch.Tensor:
-    """K ≈ U_out·core·U_inᵀ with core = U_outᵀ·K·U_in at ``ranks`` = (r_in, r_out), in the layer's
-    dtype (a scan needs no float64): two large products per rank."""
-    u_out, u_in = bases
-    w = weight.detach()
-    cout, cin = w.shape[0], w.shape[1]
-    wk = w.permute(0, 2, 3, 1).reshape(cout, -1, cin)          # (o, hw, i)
-    r_in, r_out = ranks
-    po, pi = u_out[:, :r_out], u_in[:, :r_in]
-    core = (po.T @ wk.reshape(cout, -1)).reshape(r_out, -1, cin) @ pi     # (ro, hw, ri)
-    k = (po @ (core @ pi.T).reshape(r_out, -1)).reshape(cout, *w.shape[2:], cin)
-    return k.permute(0, 3, 1, 2)
-
-
 def approximations(ladder: Ladder, indices: Sequence[int], budget: Budget) -> Iterator[torch.Tensor]:
-    """The approximated dense weight (float64) at each requested rung, reusing one decomposition
-    where truncating it is exact (low-rank) or the truncated HOSVD (Tucker-2)."""
-    plan, module = ladder.plan, ladder.module
-    w = module.weight.detach().to(torch.float64)
-    method = plan.method
-    if method == "lowrank":
-        from tncompress.decompositions.svd import truncated_svd
-
-        left, right = truncated_svd(w, max(int(ladder.ranks[i]) for i in indices))
-        for i in indices:
-            r = int(ladder.ranks[i])
-            yield left[:, :r] @ right[:r]
-    elif method == "tucker2":
-        bases = tucker2_bases(module.weight)
-        for i in indices:
-            yield tucker2_project(module.weight, bases, ladder.ranks[i])
-    elif method == "tt":
-        out_modes, in_modes = plan.config["out_modes"], plan.config["in_modes"]
-        top = [max(ladder.ranks[i][k] for i in indices) for k in range(len(ladder.ranks[indices[0]]))]
-        cores = tt_matrix_svd(w, out_modes, in_modes, ranks=top)
-        for i in indices:
-            yield tt_matrix_to_full(_tt_round(cores, ladder.ranks[i])).reshape(w.shape)
-    elif method == "cp":
-        s = plan.settings
-        extra = {k: s[k] for k in ("l2_reg", "engine") if k in s}
-        for i in indices:
-            layer = LAYER_CLASSES["cp"].from_dense(module, rank=int(ladder.ranks[i]), form=plan.config["form"],
-                                                   n_iter_max=budget.cp_iterations, retries=0, **extra)
-            yield layer.to_dense().weight.detach().to(torch.float64)
-    else:  # pragma: no cover - guarded by BUDGET_METHODS
-        raise ValueError(f"no budget ladder for method {method!r}")
+    """The approximated dense weight at each requested rung, by the layer's method (which reuses one
+    decomposition where truncating it is exact or near it)."""
+    plan = ladder.plan
+    yield from _method(plan).approximations(ladder.module, plan.config, _settings(plan),
+                                            [ladder.ranks[i] for i in indices], budget.cp_iterations)
 
 
 def _forward_with(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: bool = True) -> torch.Tensor:
@@ -590,7 +411,7 @@ class BudgetScan:
         return self.totals[metric] - sum(int(lad.cost(metric)[-1]) for lad in self.ladders)
 
     _cache: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
-    _factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _approximators: dict[int, Callable[[Any], torch.Tensor] | None] = field(default_factory=dict, repr=False)
     _scores: dict[tuple[int, ...], tuple[float, float, float]] = field(default_factory=dict, repr=False)
 
     def weight(self, layer: int, rung: int) -> torch.Tensor:
@@ -601,21 +422,12 @@ class BudgetScan:
             lad = self.ladders[layer]
             if len(self._cache) >= 256:
                 self._cache.clear()
-            if lad.plan.method == "lowrank":
-                if layer not in self._factors:
-                    from tncompress.decompositions.svd import truncated_svd
-
-                    top = int(lad.ranks[lad.dense - 1])
-                    self._factors[layer] = truncated_svd(lad.module.weight.detach().to(torch.float64), top)
-                left, right = self._factors[layer]
-                r = int(lad.ranks[rung])
-                w = left[:, :r] @ right[:r]
-            elif lad.plan.method == "tucker2":
-                if layer not in self._factors:
-                    self._factors[layer] = tucker2_bases(lad.module.weight)
-                w = tucker2_project(lad.module.weight, self._factors[layer], lad.ranks[rung])
-            else:
-                w = next(approximations(lad, [rung], self.budget))
+            if layer not in self._approximators:
+                method, plan = _method(lad.plan), lad.plan
+                self._approximators[layer] = method.approximator(lad.module, plan.config, _settings(plan),
+                                                                 lad.ranks[lad.dense - 1], self.budget.cp_iterations)
+            at = self._approximators[layer]
+            w = at(lad.ranks[rung]) if at is not None else next(approximations(lad, [rung], self.budget))
             self._cache[key] = w.to(lad.module.weight.dtype)
         return self._cache[key]
 
@@ -667,15 +479,15 @@ def _whole_model_totals(model: nn.Module, input_shape: Sequence[int]) -> dict[st
     return {"params": count_params(model), "macs": count_macs(model, example).total}
 
 
-def scan_model(model: nn.Module, plans: list[LayerPlan], budget: Budget, input_shape: Sequence[int],
+def scan_model(model: nn.Module, plans: Sequence[LayerPlan], budget: Budget, input_shape: Sequence[int],
                calibration_input: torch.Tensor, source: str = "<recipe>") -> BudgetScan:
     """Build every budget layer's ladder and measure its sensitivities on ``calibration_input``."""
-    todo = [i for i, p in enumerate(plans) if p.action == "decompose" and p.method in BUDGET_METHODS]
+    todo = [i for i, p in enumerate(plans) if p.action == "decompose" and _method(p).supports_budget]
     if not todo:
-        raise BudgetError(f"{source}: budget: the recipe decomposes no layer with tt, lowrank, cp or tucker2, so "
+        raise BudgetError(f"{source}: budget: the recipe decomposes no layer with {', '.join(BUDGET_METHODS)}, so "
                           "there is nothing to allocate; add rules with a method")
     # TT MACs need one layer object per rung (the contraction schedule): only when a MAC budget asks
-    has_macs = budget.metric == "macs" or all(plans[i].method != "tt" for i in todo)
+    has_macs = budget.metric == "macs" or not any(_method(plans[i]).costly_ladder_macs for i in todo)
     ladders = [build_ladder(model.get_submodule(plans[i].name), plans[i], want_macs=has_macs) for i in todo]
     was_training = model.training
     model.eval()
@@ -864,7 +676,7 @@ def _replan(ladder: Ladder, rung: int, shapes: tuple[list[int], list[int]], sour
     return plan_layer(choice, ladder.module, shapes, source)
 
 
-def finish(scanned: BudgetScan, allocation: Allocation) -> BudgetedPlan:
+def finish(scanned: BudgetScan, allocation: Allocation) -> Plan:
     """The plan with the allocated ranks: each budget layer re-planned at its rung (its sensitivity
     measured exactly where it was interpolated), and a summary with the whole allocation's error."""
     budget, probe, source = allocation.budget, scanned.probe, scanned.source
@@ -918,13 +730,13 @@ def finish(scanned: BudgetScan, allocation: Allocation) -> BudgetedPlan:
     log.info("budget %s: achieved %.4f (%d of %d), Σ sensitivity %.4g (uniform fractions %.4g), scan %.1fs",
              budget.label, summary["achieved_ratio"], achieved, total, allocation.objective,
              allocation.uniform_objective, summary["scan_seconds"])
-    return BudgetedPlan(out, summary)
+    return Plan(out, summary)
 
 
-def apply_budget(model: nn.Module, plans: list[LayerPlan], recipe: Recipe, input_shape: Sequence[int],
-                 calibration_input: torch.Tensor | None = None) -> BudgetedPlan:
-    """Replace the ranks of every layer the recipe decomposes (with a budget method) by the
-    allocation that meets ``recipe.budget`` at the least total sensitivity."""
+def apply_budget(model: nn.Module, plans: Sequence[LayerPlan], recipe: Recipe, input_shape: Sequence[int],
+                 calibration_input: torch.Tensor | None = None) -> Plan:
+    """Give every layer the planner left to the budget (``awaits_budget``) the rank of the allocation
+    that meets ``recipe.budget`` at the least total sensitivity."""
     budget = Budget.from_mapping(recipe.budget or {})
     if calibration_input is None:
         calib = calibration_settings(recipe)

@@ -20,28 +20,14 @@ from typing import Any
 
 import yaml
 
+from tncompress import methods as method_registry
 from tncompress.errors import RecipeError
 
 RECIPE_VERSION = 1
 TYPES = ("Linear", "Conv2d")
-METHODS_BY_TYPE: dict[str, tuple[str, ...]] = {
-    "Linear": ("tt", "lowrank", "prodsum", "none"),
-    "Conv2d": ("cp", "tucker2", "prodsum", "none"),
-}
-METHOD_ALIASES = {"svd": "lowrank", "tucker": "tucker2", "tensor-train": "tt"}
 SELECTORS = ("name", "pattern", "regex", "type")
-# settings keys each method accepts (besides ``method``)
-METHOD_KEYS: dict[str, frozenset[str]] = {
-    "tt": frozenset({"rank", "in_modes", "out_modes", "d"}),
-    "lowrank": frozenset({"rank", "floor", "weakening"}),
-    "cp": frozenset({"rank", "form", "n_iter_max", "tol", "retries", "l2_reg", "fallback", "engine"}),
-    "tucker2": frozenset({"rank", "algorithm", "n_iter", "floor", "weakening"}),
-    "prodsum": frozenset({"p", "terms", "family", "seed", "widths", "g", "density", "sweeps"}),
-    "none": frozenset(),
-}
 # settings every method accepts: a bound on the layer's relative output error on the calibration batch
 COMMON_SETTING_KEYS = frozenset({"max_output_error"})
-ALL_SETTING_KEYS = frozenset({"method"}).union(*METHOD_KEYS.values(), COMMON_SETTING_KEYS)
 TOP_KEYS = frozenset({"version", "defaults", "layers", "exclude", "calibration", "budget"})
 BUDGET_KEYS = frozenset({"params_ratio", "macs_ratio", "sensitivity", "candidates", "cp_iterations"})
 CALIBRATION_KEYS = frozenset({"batch_size", "seed", "max_output_error", "max_model_error"})
@@ -107,33 +93,67 @@ def _where(source: str, key: str) -> str:
     return f"{source}: {key}"
 
 
+def method_keys() -> dict[str, frozenset[str]]:
+    """The settings keys each registered method takes (besides ``method``); ``none`` takes none."""
+    keys = {name: m.settings.keys() for name, m in method_registry.all_methods().items()}
+    return {**keys, "none": frozenset()}
+
+
+def all_setting_keys() -> frozenset[str]:
+    return frozenset({"method"}).union(*method_keys().values(), COMMON_SETTING_KEYS)
+
+
 def _check_method(source: str, key: str, method: Any) -> str:
     if not isinstance(method, str):
         raise RecipeError(f"{_where(source, key)}: method must be a string, got {method!r}")
-    method = METHOD_ALIASES.get(method, method)
-    if method not in METHOD_KEYS:
-        hint = difflib.get_close_matches(method, list(METHOD_KEYS), n=1)
+    method = method_registry.resolve_name(method)
+    known = list(method_keys())
+    if method not in known:
+        hint = difflib.get_close_matches(method, known, n=1)
         raise RecipeError(f"{_where(source, key)}: unknown method {method!r}"
-                          f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; known: {', '.join(METHOD_KEYS)}")
+                          f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; known: {', '.join(known)}")
     return method
+
+
+def _check_value(source: str, key: str, method: str | None, setting: str, value: Any) -> None:
+    """Check a method setting's value where the recipe gives it (``n_iter: ten`` is one line here):
+    against the rule's own method, or, in a rule that only changes settings, against every method
+    that takes the key (it must suit one of them; the planner checks the merged result again)."""
+    owners = ([method_registry.get_method(method)] if method not in (None, "none")
+              else [m for m in method_registry.all_methods().values() if setting in m.settings.keys()])
+    owners = [m for m in owners if setting in m.settings.keys()]
+    problems = []
+    for m in owners:
+        try:
+            m.settings.check_value(setting, value, _where(source, key))
+            return
+        except RecipeError as exc:
+            problems.append(exc)
+    if problems:
+        raise problems[0]
 
 
 def _check_settings(source: str, key: str, settings: Any, allowed_extra: Sequence[str] = ()) -> dict[str, Any]:
     if not isinstance(settings, dict):
         raise RecipeError(f"{_where(source, key)}: expected a mapping of settings, got {type(settings).__name__}")
     out: dict[str, Any] = {}
+    known = all_setting_keys()
     for k, v in settings.items():
         if not isinstance(k, str):
             raise RecipeError(f"{_where(source, key)}: setting names must be strings, got {k!r}")
         if k in allowed_extra:
             continue
-        if k not in ALL_SETTING_KEYS:
-            hint = difflib.get_close_matches(k, sorted(ALL_SETTING_KEYS | set(allowed_extra)), n=1)
+        if k not in known:
+            hint = difflib.get_close_matches(k, sorted(known | set(allowed_extra)), n=1)
             raise RecipeError(f"{_where(source, key)}: unknown key {k!r}"
                               f"{f' (did you mean {hint[0]!r}?)' if hint else ''}")
         if k in ERROR_BOUND_KEYS:
             _check_bound(source, f"{key}.{k}", v)
         out[k] = _check_method(source, f"{key}.method", v) if k == "method" else v
+    method = out.get("method")
+    for k, v in out.items():
+        if k != "method" and k not in ERROR_BOUND_KEYS:
+            _check_value(source, key, method, k, v)
     return out
 
 

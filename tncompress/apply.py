@@ -1,0 +1,213 @@
+"""Apply a plan: factorize each planned layer from its trained weights through its method, check it
+on the calibration batch, fall back where the method offers one, and swap the factorized modules in.
+
+Pipeline position: recipe → plan → (budget) → **apply** → save. This module imports the planner's
+data types and the method registry, nothing after it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from tncompress.errors import GateError
+from tncompress.methods import method_for_layer
+from tncompress.methods.base import Fallback, Method
+from tncompress.planner import LayerPlan, dense_params, factorized_macs
+from tncompress.surgery import set_module
+
+__all__ = ["ProgressCallback", "apply_plan", "capture_inputs", "check_error_bounds", "layer_bound",
+           "model_output_error", "reference_output", "rel_error"]
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, LayerPlan, int, int], None]  # (event, plan, index, total)
+Errors = tuple[float | None, float | None]  # (relative weight error, relative output error)
+
+
+def rel_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """‖reference − approx‖ / ‖reference‖ in float64 (the absolute error when the reference is 0)."""
+    reference, approx = reference.double(), approx.double()
+    denom = torch.linalg.vector_norm(reference).item()
+    diff = torch.linalg.vector_norm(reference - approx).item()
+    return diff / denom if denom > 0 else diff
+
+
+def capture_inputs(model: nn.Module, batch: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Inputs that the named layers see when ``model`` runs on ``batch``."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        def hook(mod: nn.Module, args: tuple[Any, ...], _name: str = name) -> None:
+            captured.setdefault(_name, args[0].detach())
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _errors(module: nn.Module, new: nn.Module, x: torch.Tensor | None) -> Errors:
+    with torch.no_grad():
+        weight = rel_error(module.weight, new.to_dense().weight)  # type: ignore[operator]
+        output = rel_error(module(x), new(x)) if x is not None else None
+    return weight, output
+
+
+def _healthy(new: nn.Module, errors: Errors) -> bool:
+    """Finite factors and finite errors: anything else is a numerical fault, never written."""
+    finite = all(bool(torch.isfinite(p.detach()).all()) for p in new.parameters())
+    return finite and all(e is None or math.isfinite(e) for e in errors)
+
+
+def layer_bound(entry: LayerPlan, default: float | None) -> float | None:
+    """The output-error bound of a layer: its rule's ``max_output_error``, else the recipe-wide one."""
+    bound = entry.settings.get("max_output_error", default)
+    return None if bound is None else float(bound)
+
+
+def _take(entry: LayerPlan, alt: Fallback) -> nn.Module:
+    """Record in the plan that the layer is now the fallback's."""
+    entry.method, entry.config, entry.ranks, entry.reason = alt.method, alt.config, alt.ranks, alt.reason
+    entry.notes.append(alt.note)
+    return alt.layer
+
+
+def _factorize_checked(module: nn.Module, entry: LayerPlan, method: Method, settings: Any, x: torch.Tensor | None,
+                       bound: float | None) -> tuple[nn.Module, Errors, str]:
+    """The factorized layer and its errors, after the method's fallbacks; ``module`` itself (with a
+    reason) when no usable factorization was found.
+
+    Faults are handled per layer and recorded in its notes: a degenerate fit (the method says so)
+    and non-finite factors or errors take the method's fallback, else leave the layer dense; a layer
+    whose output error exceeds its bound tries the fallback and keeps the better of the two.
+    """
+    new = method.factorize(module, entry.config, settings)
+    label = method.name.upper()
+    kept = f"{entry.method} failed and has no fallback; left dense"
+    fell_back = False
+    degenerate = method.degenerate(new)
+    if degenerate:
+        entry.notes.append(degenerate)
+        alt = method.fallback(module, new, settings, f"{label} degenerated")
+        if alt is None:
+            entry.notes.append("fallback: none — layer left dense")
+            return module, (None, None), f"{label} degenerate and fallback none; left dense"
+        new, fell_back = _take(entry, alt), True
+    errors = _errors(module, new, x)
+    if not _healthy(new, errors):
+        entry.notes.append(f"{entry.method} produced non-finite factors or errors (weight error {errors[0]}, "
+                           f"output error {errors[1]})")
+        alt = None if fell_back else method.fallback(module, new, settings, f"{label} produced non-finite values")
+        if alt is not None:
+            new, fell_back = _take(entry, alt), True
+            errors = _errors(module, new, x)
+        if not _healthy(new, errors):
+            entry.notes.append("layer left dense: no finite decomposition was found")
+            return module, (None, None), "decomposition produced non-finite values; left dense"
+    if bound is not None and errors[1] is not None and errors[1] > bound and not fell_back:
+        alt = method.fallback(module, new, settings, f"{label} output error {errors[1]:.3g} above {bound:g}")
+        if alt is not None:
+            alt_errors = _errors(module, alt.layer, x)
+            if _healthy(alt.layer, alt_errors) and alt_errors[1] is not None and alt_errors[1] < errors[1]:
+                return _take(entry, alt), alt_errors, kept
+            entry.notes.append(f"{alt.label} at the same budget was no better (output error {alt_errors[1]}); "
+                               f"kept {label}")
+    return new, errors, kept
+
+
+def apply_plan(model: nn.Module, plan: Sequence[LayerPlan], calibration_input: torch.Tensor,
+               progress: ProgressCallback | None = None, *, max_output_error: float | None = None
+               ) -> Sequence[LayerPlan]:
+    """Decompose ``model`` in place following ``plan`` (updated with errors, timings, fallbacks).
+
+    Bounds are enforced by :func:`check_error_bounds`, not here: a layer above its bound after the
+    fallbacks is written with a note.
+    """
+    todo = [p for p in plan if p.action == "decompose"]
+    inputs = capture_inputs(model, calibration_input, [p.name for p in todo])
+    for index, entry in enumerate(todo):
+        if progress:
+            progress("start", entry, index, len(todo))
+        module = model.get_submodule(entry.name)
+        started = time.perf_counter()
+        method = method_for_layer(entry.method)
+        settings = method.parse(entry.settings, entry.name)
+        bound = layer_bound(entry, max_output_error)
+        new, errors, kept = _factorize_checked(module, entry, method, settings, inputs.get(entry.name), bound)
+        entry.seconds = round(time.perf_counter() - started, 3)
+        if new is module:
+            entry.action, entry.method, entry.config, entry.ranks = "keep", "none", {}, None
+            entry.params_after, entry.macs_after = entry.params_before, entry.macs_before
+            entry.reason = kept
+        else:
+            new.train(module.training)
+            entry.weight_rel_error, entry.output_rel_error = errors
+            entry.params_after = dense_params(new)
+            if entry.input_shape:
+                entry.macs_after = factorized_macs(new, entry.input_shape)
+            fit = method.fit_note(new)
+            if fit:
+                entry.notes.append(fit)
+            if bound is not None and errors[1] is not None and errors[1] > bound:
+                entry.notes.append(f"output error {errors[1]:.3g} exceeds max_output_error {bound:g}")
+            set_module(model, entry.name, new)
+        log.info("%s: %s, weight error %s, output error %s (%.2fs)", entry.name, entry.reason,
+                 entry.weight_rel_error, entry.output_rel_error, entry.seconds)
+        if progress:
+            progress("done", entry, index, len(todo))
+    return plan
+
+
+def reference_output(model: nn.Module, batch: torch.Tensor) -> Any:
+    """The model's output on the calibration batch, taken before decomposing."""
+    with torch.no_grad():
+        out = model(batch)
+    return out.detach().clone() if isinstance(out, torch.Tensor) else out
+
+
+def model_output_error(model: nn.Module, batch: torch.Tensor, reference: Any) -> float | None:
+    """Relative error of the decomposed model's output against ``reference`` (None for non-tensor outputs)."""
+    if not isinstance(reference, torch.Tensor):
+        return None
+    with torch.no_grad():
+        out = model(batch)
+    return rel_error(reference, out) if isinstance(out, torch.Tensor) else None
+
+
+def check_error_bounds(plan: Sequence[LayerPlan], calibration: dict[str, Any], model_error: float | None,
+                       *, allow_error: bool = False, source: str = "the recipe") -> list[str]:
+    """Enforce the recipe's bounds: per layer ``max_output_error`` (rule or ``calibration``) and
+    ``calibration.max_model_error`` on the whole model; a non-finite model output always counts.
+
+    Raises :class:`GateError` (exit 3) naming the first violation unless ``allow_error``; returns
+    one line per violation either way.
+    """
+    default = calibration.get("max_output_error")
+    problems = []
+    for entry in plan:
+        bound = layer_bound(entry, default)
+        err = entry.output_rel_error
+        if entry.action == "decompose" and bound is not None and err is not None and not err <= bound:
+            problems.append(f"layer {entry.name}: output error {err:.3g} on the calibration batch exceeds "
+                            f"max_output_error {bound:g}")
+    max_model = calibration.get("max_model_error")
+    if model_error is not None and not math.isfinite(model_error):
+        problems.append("the decomposed model's output on the calibration batch is not finite (NaN/Inf)")
+    elif max_model is not None and model_error is not None and model_error > float(max_model):
+        problems.append(f"the decomposed model's output error {model_error:.3g} on the calibration batch exceeds "
+                        f"calibration.max_model_error {float(max_model):g}")
+    if problems and not allow_error:
+        more = f" ({len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise GateError(f"{source}: {problems[0]}{more}; raise the rank or loosen the bound, or pass "
+                        "--allow-error to write it anyway")
+    return problems
