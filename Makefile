@@ -35,8 +35,15 @@ bench: install
 	$(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e '.[bench]'
 	$(PY) benchmarks/run.py $(ARGS)
 
-lint: install
-	$(PY) -m compileall -q tncompress tests
+LINT_STAMP := $(VENV)/.tncompress-lint-installed
+$(LINT_STAMP): $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e '.[test,lint]'
+	touch $(LINT_STAMP)
+
+# ruff (rules in pyproject.toml) on everything; mypy on the library at the strictness pyproject.toml states.
+lint: $(LINT_STAMP)
+	$(VENV)/bin/ruff check tncompress tests benchmarks scripts
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf .venv build dist *.egg-info .pytest_cache demo-out
