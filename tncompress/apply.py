@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tncompress.errors import GateError
+from tncompress.layers import FactorizedLayer
 from tncompress.methods import method_for_layer
 from tncompress.methods.base import Fallback, Method
 from tncompress.planner import LayerPlan, dense_params, factorized_macs
@@ -57,8 +58,11 @@ def capture_inputs(model: nn.Module, batch: torch.Tensor, names: Sequence[str]) 
 
 
 def _errors(module: nn.Module, new: nn.Module, x: torch.Tensor | None) -> Errors:
+    assert isinstance(module, (nn.Linear, nn.Conv2d)) and isinstance(new, FactorizedLayer)
+    dense = new.to_dense()
+    assert isinstance(dense, (nn.Linear, nn.Conv2d))
     with torch.no_grad():
-        weight = rel_error(module.weight, new.to_dense().weight)  # type: ignore[operator]
+        weight = rel_error(module.weight, dense.weight)
         output = rel_error(module(x), new(x)) if x is not None else None
     return weight, output
 

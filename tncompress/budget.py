@@ -123,10 +123,10 @@ def build_ladder(module: nn.Module, plan: LayerPlan, want_macs: bool = True) -> 
     """Every compressing rank configuration of one planned layer, plus dense as the last rung."""
     ranks, params, macs = _method(plan).ladder(module, plan.config, plan.input_shape or [], plan.macs_before,
                                                want_macs)
-    ranks = [*ranks, None]
-    params = np.array([*params, plan.params_before], dtype=np.int64)
-    macs = np.array([*macs, plan.macs_before], dtype=np.int64)
-    return Ladder(plan, module, ranks, params, macs, np.full(len(ranks), np.nan), np.zeros(len(ranks), dtype=bool))
+    rungs = [*ranks, None]
+    return Ladder(plan, module, rungs, np.array([*params, plan.params_before], dtype=np.int64),
+                  np.array([*macs, plan.macs_before], dtype=np.int64), np.full(len(rungs), np.nan),
+                  np.zeros(len(rungs), dtype=bool))
 
 
 def grid_indices(params: np.ndarray, count: int) -> list[int]:
@@ -149,7 +149,14 @@ def approximations(ladder: Ladder, indices: Sequence[int], budget: Budget) -> It
                                             [ladder.ranks[i] for i in indices], budget.cp_iterations)
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    """The dense layer's weight (a budget only scans Linear and Conv2d layers)."""
+    assert isinstance(module, (nn.Linear, nn.Conv2d))
+    return module.weight
+
+
 def _forward_with(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: bool = True) -> torch.Tensor:
+    assert isinstance(module, (nn.Linear, nn.Conv2d))
     weight = weight.to(dtype=module.weight.dtype, device=module.weight.device)
     b = module.bias if bias else None
     if isinstance(module, nn.Conv2d):
@@ -224,6 +231,7 @@ class _Probe:
                 h.remove()
 
     def _kl(self, raw: torch.Tensor) -> float:
+        assert self.logits is not None
         ref = F.log_softmax(self.logits, dim=1)
         value = float((ref.exp() * (ref - F.log_softmax(raw.double(), dim=1))).sum(dim=1).mean())
         return value if math.isfinite(value) else math.inf
@@ -252,7 +260,7 @@ class _Probe:
             return err, math.nan, math.nan
         if not bool(torch.isfinite(raw).all()):
             return math.inf, 1.0, math.inf
-        disagree = float((raw.argmax(dim=1) != self.labels).double().mean())
+        disagree = float(torch.ne(raw.argmax(dim=1), self.labels).double().mean())
         kl = self._kl(raw)
         return disagree + KL_TIEBREAK * min(kl, 10.0), disagree, kl
 
@@ -261,7 +269,7 @@ class _Probe:
         hide the error of the weight)."""
         with torch.no_grad():
             x = self.inputs[name]
-            ref = _forward_with(module, x, module.weight, bias=False)
+            ref = _forward_with(module, x, _weight(module), bias=False)
             y = _forward_with(module, x, weight, bias=False)
         return _sq_rel(ref.reshape(-1).double(), y.reshape(-1).double())
 
@@ -428,7 +436,7 @@ class BudgetScan:
                                                                  lad.ranks[lad.dense - 1], self.budget.cp_iterations)
             at = self._approximators[layer]
             w = at(lad.ranks[rung]) if at is not None else next(approximations(lad, [rung], self.budget))
-            self._cache[key] = w.to(lad.module.weight.dtype)
+            self._cache[key] = w.to(_weight(lad.module).dtype)
         return self._cache[key]
 
     def weights(self, choice: Sequence[int]) -> dict[str, tuple[nn.Module, torch.Tensor]]:

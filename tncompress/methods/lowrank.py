@@ -95,6 +95,7 @@ class LowRankMethod(Method):
     def approximator(self, module: nn.Module, config: dict[str, Any], s: LowRankSettings, top: Any,
                      cp_iterations: int) -> Callable[[Any], torch.Tensor]:
         """One truncated SVD at rank ``top``; every smaller rank is a slice of it (exact)."""
+        assert isinstance(module, nn.Linear)
         left, right = svd_ops.truncated_svd(module.weight.detach().to(torch.float64), int(top))
         return lambda rank: left[:, : int(rank)] @ right[: int(rank)]
 

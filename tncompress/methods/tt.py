@@ -160,6 +160,7 @@ class TTMethod(Method):
     def approximations(self, module: nn.Module, config: dict[str, Any], s: TTSettings, ranks: Sequence[Any],
                        cp_iterations: int) -> Iterator[torch.Tensor]:
         """One TT-SVD at the largest rank of each bond, rounded down to every requested rank."""
+        assert isinstance(module, nn.Linear)
         w = module.weight.detach().to(torch.float64)
         top = [max(rk[k] for rk in ranks) for k in range(len(ranks[0]))]
         cores = tt_ops.tt_matrix_svd(w, config["out_modes"], config["in_modes"], ranks=top)
