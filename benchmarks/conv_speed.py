@@ -19,13 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_common import machine_info, median_ms
 from torch import nn
 
-from bench_common import machine_info, median_ms
+from tncompress.compress import make_plan
 from tncompress.layers import build_layer
 from tncompress.layers.conv_base import conv_macs
 from tncompress.models import ModelSpec, build_model
-from tncompress.compress import make_plan
 from tncompress.recipe import parse_recipe
 
 # The shipped recipes' rules (configs/resnet18-cp.yaml, configs/resnet18-tucker.yaml), applied to

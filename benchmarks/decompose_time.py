@@ -15,9 +15,9 @@ import warnings
 from pathlib import Path
 
 import torch
+from bench_common import machine_info
 from torch import nn
 
-from bench_common import machine_info
 from tncompress.compress import decompose
 from tncompress.decompositions.ranks import cp_rank_for_fraction
 from tncompress.layers import CPConv2d, TTLinear, Tucker2Conv2d

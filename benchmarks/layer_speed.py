@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_common import machine_info, median_ms
 from torch import nn
 
-from bench_common import machine_info, median_ms
 from tncompress.layers import TTLinear
 from tncompress.measure import LargestTensorMode, count_macs, count_params
 

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_common import machine_info
+
 from tncompress.compress import decompose
 from tncompress.data import dataset_summary, load_dataset, make_loader
 from tncompress.measure import count_params

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_common import machine_info
+
 from tncompress.compress import decompose
 from tncompress.measure import MAC_RULE, count_macs, count_params
 from tncompress.models import ModelSpec, build_model

@@ -5,19 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import assert_user_error
 from torch import nn
 
 from tncompress.budget import Budget, BudgetError, allocate, finish, scan_model
-from tncompress.compress import decompose
-from tncompress.errors import RankError, RecipeError
+from tncompress.compress import decompose, make_plan
+from tncompress.errors import RecipeError
 from tncompress.measure import count_macs, count_params
 from tncompress.models import ModelSpec, build_model
-from tncompress.compress import make_plan
 from tncompress.planner import calibration_batch
 from tncompress.recipe import parse_recipe
 from tncompress.surgery import apply_structure
-
-from conftest import assert_user_error
 
 R18 = ModelSpec("torchvision:resnet18", {"num_classes": 10})
 MLP = ModelSpec("mlp-1024")

@@ -16,9 +16,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tncompress.compress import make_plan
 from tncompress.errors import TncompressError
 from tncompress.models import ModelSpec, build_model
-from tncompress.compress import make_plan
 from tncompress.recipe import load_recipe, parse_recipe
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
@@ -189,11 +189,10 @@ def test_cli_plan_never_shows_a_traceback(source, workdir, cli_once):
 @pytest.fixture(scope="module")
 def cli_once(workdir, lenet):
     """A module-scoped CLI runner (hypothesis re-uses it for every example)."""
+    from conftest import CliResult
     from typer.testing import CliRunner
 
     from tncompress.cli import app
-
-    from conftest import CliResult
 
     torch.save(lenet.state_dict(), workdir / "l5.pt")
     runner = CliRunner()

@@ -4,10 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tncompress.compress import decompose
+from tncompress.compress import decompose, make_plan
 from tncompress.measure import count_macs, count_params
 from tncompress.models import ModelSpec, build_model
-from tncompress.compress import make_plan
 from tncompress.recipe import load_recipe
 from tncompress.surgery import apply_structure
 

@@ -177,12 +177,14 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     if "version" not in data:
         raise RecipeError(f"{source}: missing 'version: 1'")
     if data["version"] != RECIPE_VERSION or isinstance(data["version"], bool):
-        raise RecipeError(f"{_where(source, 'version')}: unsupported recipe version {data['version']!r}; this tncompress reads version 1")
+        raise RecipeError(f"{_where(source, 'version')}: unsupported recipe version {data['version']!r}; "
+                          "this tncompress reads version 1")
 
     recipe = Recipe(source=source, raw=copy.deepcopy(data))
     defaults = data.get("defaults") or {}
     if not isinstance(defaults, dict):
-        raise RecipeError(f"{_where(source, 'defaults')}: expected a mapping of type → settings, e.g. 'Linear: {{method: tt, rank: 8}}'")
+        raise RecipeError(f"{_where(source, 'defaults')}: expected a mapping of type → settings, "
+                          "e.g. 'Linear: {method: tt, rank: 8}'")
     for type_name, settings in defaults.items():
         if type_name not in TYPES:
             hint = difflib.get_close_matches(str(type_name), TYPES, n=1)
@@ -231,11 +233,13 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{_where(source, 'calibration')}: expected a mapping ({', '.join(sorted(CALIBRATION_KEYS))})")
     for k, v in calibration.items():
         if k not in CALIBRATION_KEYS:
-            raise RecipeError(f"{_where(source, f'calibration.{k}')}: unknown key; allowed: {', '.join(sorted(CALIBRATION_KEYS))}")
+            raise RecipeError(f"{_where(source, f'calibration.{k}')}: unknown key; "
+                              f"allowed: {', '.join(sorted(CALIBRATION_KEYS))}")
         if k in ERROR_BOUND_KEYS:
             _check_bound(source, f"calibration.{k}", v)
         elif not isinstance(v, int) or isinstance(v, bool) or v < (1 if k == "batch_size" else 0):
-            raise RecipeError(f"{_where(source, f'calibration.{k}')}: expected a {'positive' if k == 'batch_size' else 'non-negative'} integer, got {v!r}")
+            kind = "positive" if k == "batch_size" else "non-negative"
+            raise RecipeError(f"{_where(source, f'calibration.{k}')}: expected a {kind} integer, got {v!r}")
     recipe.calibration = dict(calibration)
     if data.get("budget") is not None:
         recipe.budget = _check_budget(source, data["budget"])
@@ -368,7 +372,8 @@ def match_layers(recipe: Recipe, layers: Sequence[tuple[str, str]]) -> list[Laye
     for rule in recipe.rules:
         if rule.index not in used_rules:
             if rule.selector == "type":
-                raise RecipeError(f"{recipe.source}: {rule.label} matches no layer: the model has no {rule.value} layers that can be decomposed")
+                raise RecipeError(f"{recipe.source}: {rule.label} matches no layer: the model has no {rule.value} "
+                                  "layers that can be decomposed")
             raise RecipeError(f"{recipe.source}: {rule.label} matches no layer{_hint(rule.value, names)}")
     for pattern in recipe.exclude:
         if pattern not in used_excludes:

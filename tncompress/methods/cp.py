@@ -19,9 +19,25 @@ from tncompress.decompositions.ranks import cp_params, cp_rank_for_fraction, tuc
 from tncompress.errors import RankError
 from tncompress.layers import CPConv2d, FactorizedLayer, Tucker2Conv2d
 from tncompress.methods import register
-from tncompress.methods.base import (Fallback, Ladder, Method, Planned, Settings, bad_rank, conv_kwargs, fraction,
-                                     is_int, meta_macs, non_negative_int, non_negative_number, one_of, positive_int,
-                                     rank_int, setting, unchecked)
+from tncompress.methods.base import (
+    Fallback,
+    Ladder,
+    Method,
+    Planned,
+    Settings,
+    bad_rank,
+    conv_kwargs,
+    fraction,
+    is_int,
+    meta_macs,
+    non_negative_int,
+    non_negative_number,
+    one_of,
+    positive_int,
+    rank_int,
+    setting,
+    unchecked,
+)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,21 @@ from tncompress.decompositions import svd as svd_ops
 from tncompress.errors import RankError
 from tncompress.layers import FactorizedLayer, LowRankLinear
 from tncompress.methods import register
-from tncompress.methods.base import (Ladder, Method, Planned, Settings, bad_rank, energy, fraction, is_int,
-                                     positive_int, rank_int, setting, unchecked, unit_interval)
+from tncompress.methods.base import (
+    Ladder,
+    Method,
+    Planned,
+    Settings,
+    bad_rank,
+    energy,
+    fraction,
+    is_int,
+    positive_int,
+    rank_int,
+    setting,
+    unchecked,
+    unit_interval,
+)
 
 
 @dataclass(frozen=True)

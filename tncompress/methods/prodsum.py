@@ -14,8 +14,7 @@ from torch import nn
 from tncompress.decompositions import prodsum as ps
 from tncompress.layers import FactorizedLayer, ProdSumConv2d, ProdSumLinear
 from tncompress.methods import register
-from tncompress.methods.base import (Method, Planned, Settings, any_int, conv_kwargs, one_of, positive_int,
-                                     setting, unchecked)
+from tncompress.methods.base import Method, Planned, Settings, any_int, conv_kwargs, one_of, positive_int, setting, unchecked
 
 _LAYER_KEYS = ("p", "terms", "family", "seed", "widths", "g", "density")
 

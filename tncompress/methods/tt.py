@@ -14,8 +14,20 @@ from tncompress.decompositions.tucker2 import small_lapack
 from tncompress.errors import RankError
 from tncompress.layers import FactorizedLayer, TTLinear
 from tncompress.methods import register
-from tncompress.methods.base import (Ladder, Method, Planned, Settings, bad_rank, energy, fraction, is_int,
-                                     meta_macs, rank_int, setting, unchecked)
+from tncompress.methods.base import (
+    Ladder,
+    Method,
+    Planned,
+    Settings,
+    bad_rank,
+    energy,
+    fraction,
+    is_int,
+    meta_macs,
+    rank_int,
+    setting,
+    unchecked,
+)
 
 
 @dataclass(frozen=True)

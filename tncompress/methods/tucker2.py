@@ -18,9 +18,24 @@ from tncompress.decompositions.tucker2 import small_lapack
 from tncompress.errors import RankError
 from tncompress.layers import FactorizedLayer, Tucker2Conv2d
 from tncompress.methods import register
-from tncompress.methods.base import (Ladder, Method, Planned, Settings, bad_rank, conv_kwargs, energy, fraction,
-                                     is_int, meta_macs, one_of, positive_int, rank_int, setting, unchecked,
-                                     unit_interval)
+from tncompress.methods.base import (
+    Ladder,
+    Method,
+    Planned,
+    Settings,
+    bad_rank,
+    conv_kwargs,
+    energy,
+    fraction,
+    is_int,
+    meta_macs,
+    one_of,
+    positive_int,
+    rank_int,
+    setting,
+    unchecked,
+    unit_interval,
+)
 
 
 @dataclass(frozen=True)
