@@ -196,10 +196,11 @@ def test_macs_per_sample_matches_flop_counter(family, p, shape):
     layer = ProdSumLinear(*shape, p=p, terms=4, family=family, widths=[8] if p == 2 and family != "circulant" else None)
     x = torch.randn(1, shape[0])
     fft = sum(ps.fft_macs(max(layer.shapes[j])) for j in range(p) if layer._factor_kind(j) == "fft")
+    layer.eval().merge()  # inference: the factors are assembled once, by merge()
     with torch.no_grad():
-        layer(x)  # assembles once
         with FlopCounterMode(display=False) as counter:
             layer(x)
+    layer.train()
     if layer._merged(None):
         fft = 0
     assert counter.get_total_flops() // 2 + fft == layer.macs_per_sample()
@@ -284,7 +285,7 @@ def test_recipe_prodsum_through_the_cli(cli, tmp_path, model_def, write_recipe):
     torch.testing.assert_close(model.out.to_dense().weight, dense.out.weight, atol=1e-5, rtol=1e-4)  # 640 = 64·10: spans
     bad = write_recipe("version: 1\nlayers:\n  - {name: fc, method: prodsum, p: 0}\n", "bad.yaml")
     res = cli("decompose", tmp_path / "sd.pt", *arch, "-r", bad, "-o", tmp_path / "bad.pt", "--input-shape", "1,3,8,8")
-    assert res.exit_code == 2 and "layer fc" in res.output and "p (the number of factors)" in res.output
+    assert res.exit_code == 2 and "layers[0]: p must be a positive integer, got 0" in res.output  # at recipe entry
 
 
 def test_recipe_prodsum_on_a_conv_builds_prodsum_conv(cli, tmp_path, model_def, write_recipe):

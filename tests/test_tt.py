@@ -332,7 +332,11 @@ def test_macs_per_sample_matches_flop_counter(shape):
         layer(x)
     assert counter.get_total_flops() == 2 * (layer.macs_per_sample() + layer.merge_macs())
     with torch.no_grad():
-        layer(x)  # inference: merges once, then reuses them
+        with FlopCounterMode(display=False) as counter:  # unmerged: no hidden cache, merges again
+            layer(x)
+        assert counter.get_total_flops() == 2 * (layer.macs_per_sample() + layer.merge_macs())
+        layer.eval().merge()
+        layer(x)  # merged for inference: merges once, then reuses them
         with FlopCounterMode(display=False) as counter:
             layer(x)
     assert counter.get_total_flops() == 2 * layer.macs_per_sample()
@@ -375,13 +379,14 @@ def test_layers_import_without_tensorly():
     assert result.returncode == 0, result.stderr
 
 
-def test_inference_cache_of_merged_cores_follows_parameter_updates():
+def test_merged_snapshot_follows_parameter_updates():
     torch.manual_seed(0)
-    layer = TTLinear(64, 48, in_modes=[4, 4, 4], out_modes=[4, 4, 3], ranks=3)
+    layer = TTLinear(64, 48, in_modes=[4, 4, 4], out_modes=[4, 4, 3], ranks=3).eval()
     x = torch.randn(5, 64)
+    layer.merge()
     with torch.no_grad():
         first = layer(x)
-        assert layer._merged_cache  # filled without autograd
+        assert layer._merged_ops()  # the snapshot holds the merged cores
         layer.cores[0].mul_(2.0)  # an in-place update, like an optimizer step
         second = layer(x)
     expected = x @ layer.to_dense().weight.T + layer.bias

@@ -19,9 +19,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from tncompress.errors import TncompressError
+from tncompress.layers.base import merged
 
 MAC_RULE = ("MACs = FLOPs / 2 of the matmul and convolution ops run in one inference forward pass at "
-            "batch 1 (after a warm-up, so one-off work such as merging TT cores is cached), counted by "
+            "batch 1 with the factorized layers merged for inference (one-off work such as merging TT cores "
+            "done beforehand), counted by "
             "torch.utils.flop_counter.FlopCounterMode; element-wise ops (bias, activations, norms, pooling) "
             "are not counted")
 
@@ -51,10 +53,15 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> MacCount:
     """MACs of one forward of ``model`` on ``example`` (divide by the batch size for per-sample)."""
     root = type(model).__name__
     counter = FlopCounterMode(display=False)
-    with torch.no_grad():
-        model(example)  # warm-up: layers that cache batch-independent work (TT core merges) fill it
-        with counter:
-            model(example)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), merged(model):
+            model(example)  # warm-up: merged layers precompute their schedules' batch-independent work
+            with counter:
+                model(example)
+    finally:
+        model.train(was_training)
     per_module: dict[str, int] = {}
     for key, ops in counter.get_flop_counts().items():
         if key == "Global":
@@ -66,10 +73,11 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> MacCount:
 
 def measure_latency(model: nn.Module, example: torch.Tensor, *, warmup: int = 3, repeats: int = 20,
                     max_seconds: float = 10.0) -> dict[str, float]:
-    """Median and spread of wall-clock forward latency in milliseconds (CUDA synchronised)."""
+    """Median and spread of wall-clock forward latency in milliseconds (CUDA synchronised), with
+    the factorized layers merged for inference (:func:`tncompress.layers.merged`)."""
     sync = torch.cuda.synchronize if example.is_cuda else (lambda: None)
     times: list[float] = []
-    with torch.inference_mode():
+    with torch.inference_mode(), merged(model):  # deployed inference: batch-independent work done once
         for _ in range(warmup):
             model(example)
         sync()

@@ -5,7 +5,7 @@ from typing import Any
 
 from torch import nn
 
-from tncompress.layers.base import FactorizedLayer
+from tncompress.layers.base import FactorizedLayer, merged
 from tncompress.layers.cp_conv import CPConv2d
 from tncompress.layers.lowrank_linear import LowRankLinear
 from tncompress.layers.prodsum_conv import ProdSumConv2d
@@ -33,4 +33,4 @@ def build_layer(method: str, config: dict[str, Any]) -> nn.Module:
 
 
 __all__ = ["FactorizedLayer", "TTLinear", "LowRankLinear", "CPConv2d", "Tucker2Conv2d", "ProdSumLinear", "ProdSumConv2d",
-           "LAYER_CLASSES", "build_layer"]
+           "LAYER_CLASSES", "build_layer", "merged"]

@@ -15,18 +15,116 @@ Each layer class:
 * ``macs_per_sample(input_hw=None) -> int``: multiply-accumulates of one forward for one sample
   (for convs, ``input_hw`` is the input's (H, W)); equals FlopCounterMode's FLOPs / 2.
 * ``extra_repr()``: shapes and ranks.
+* ``merge()`` / ``unmerge()``: an explicit inference snapshot (see below).
+
+Inference snapshot. The forward never caches anything on its own: it computes from the current
+parameters, so optimizer steps, in-place edits (also through ``.data``), ``.data =``,
+``load_state_dict``, ``.to()``, ``torch.compile`` and ``torch.func.functional_call`` are always seen.
+Layers whose forward starts with batch-independent work (TT merges neighbouring cores,
+product-of-sums assembles its factors) can precompute it once with ``merge()``, for deployment
+(``report --latency`` measures that way). The snapshot is used only in eval mode without autograd,
+and is ignored or dropped whenever PyTorch can tell the parameters changed: ``train()``,
+``load_state_dict``, ``.to()``/``.half()``/…, an in-place update that bumps a parameter's version
+(optimizer steps, ``p.mul_()`` under ``no_grad``), a parameter swapped or re-pointed (``p.data =``,
+``functional_call``), and under ``torch.compile``, tracing or scripting. One change is invisible to
+PyTorch itself: an in-place edit through ``p.data`` (``p.data.mul_(2)``) bumps no version counter.
+After such an edit call ``merge()`` again (or ``unmerge()``); without a snapshot nothing is stale.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 
+@dataclass
+class _Snapshot:
+    """What ``merge()`` precomputed, and the parameters it was computed from.
+
+    ``kept`` holds a detached alias of every parameter, so their storage stays alive while the
+    snapshot exists and a later ``p.data = new`` can never land on the same address.
+    """
+
+    ops: Any
+    params: list[nn.Parameter]
+    kept: list[torch.Tensor]
+    ptrs: list[int]
+    versions: list[int]
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return int(t._version)
+    except RuntimeError:  # inference tensors have no version counter
+        return -1
+
+
 class FactorizedLayer(nn.Module):
-    """Base class: shared bookkeeping for factorized layers."""
+    """Base class: the contract, and the explicit inference snapshot (``merge()``/``unmerge()``)."""
 
     method: ClassVar[str] = ""
+    _snapshot: _Snapshot | None = None
+    __jit_unused_properties__: ClassVar[list[str]] = ["merged"]  # torch.jit.script compiles properties
+
+    # ------------------------------------------------------------------ inference snapshot
+
+    def _precompute(self) -> Any:
+        """The batch-independent operators ``merge()`` keeps (None: nothing worth keeping)."""
+        return None
+
+    def merge(self) -> None:
+        """Precompute the batch-independent part of the forward from the current parameters, for
+        inference. A snapshot: see the module docstring for when it is ignored or dropped."""
+        self.unmerge()
+        with torch.no_grad():
+            ops = self._precompute()
+        if ops is None:
+            return
+        params = list(self.parameters())
+        self._snapshot = _Snapshot(ops, params, [p.detach() for p in params], [p.data_ptr() for p in params],
+                                   [_version(p) for p in params])
+
+    def unmerge(self) -> None:
+        """Drop the snapshot: the forward computes from the parameters again."""
+        self._snapshot = None
+
+    @property
+    def merged(self) -> bool:
+        return self._snapshot is not None
+
+    def _merged_ops(self) -> Any:
+        """The snapshot's operators if they are still valid for this call, else None."""
+        snap = self._snapshot
+        if snap is None or self.training:
+            return None
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+            return None
+        params = list(self.parameters())
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return None  # autograd records: gradients must flow to the parameters
+        if len(params) != len(snap.params):
+            return None
+        for p, ref, ptr, version in zip(params, snap.params, snap.ptrs, snap.versions):
+            if p is not ref or p.data_ptr() != ptr or _version(p) != version:
+                return None
+        return snap.ops
+
+    def train(self, mode: bool = True) -> FactorizedLayer:
+        if mode:
+            self.unmerge()
+        return super().train(mode)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> FactorizedLayer:
+        self.unmerge()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.unmerge()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def config(self) -> dict[str, Any]:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -36,3 +134,28 @@ class FactorizedLayer(nn.Module):
 
     def macs_per_sample(self, input_hw: tuple[int, int] | None = None) -> int:  # pragma: no cover
         raise NotImplementedError
+
+
+def linear_unsupported_reason(linear: nn.Module, what: str) -> str | None:
+    """Why ``linear`` cannot be replaced by a ``what`` layer (one line), or None if it can."""
+    if not isinstance(linear, nn.Linear):
+        return f"{type(linear).__name__} is not an nn.Linear; {what} only replaces fully-connected layers"
+    if isinstance(linear.weight, nn.parameter.UninitializedParameter):
+        return f"lazy {type(linear).__name__} has no weights yet; run a forward pass before decomposing"
+    if linear.weight.is_complex():
+        return f"complex weights are not supported by {what} (its factors are real)"
+    return None
+
+
+@contextlib.contextmanager
+def merged(model: nn.Module) -> Iterator[nn.Module]:
+    """Merge every factorized layer of ``model`` for the duration (inference), then unmerge them,
+    also when the block raises. Layers that were merged before stay merged."""
+    layers = [m for m in model.modules() if isinstance(m, FactorizedLayer) and not m.merged]
+    try:
+        for layer in layers:
+            layer.merge()
+        yield model
+    finally:
+        for layer in layers:
+            layer.unmerge()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tncompress.errors import RankError
-from tncompress.layers.base import FactorizedLayer
+from tncompress.layers.base import FactorizedLayer, linear_unsupported_reason
 
 __all__ = ["LowRankLinear"]
 
@@ -64,11 +64,19 @@ class LowRankLinear(FactorizedLayer):
                 bound = 1.0 / math.sqrt(self.in_features)
                 self.bias.uniform_(-bound, bound)
 
+    @staticmethod
+    def unsupported_reason(linear: nn.Module) -> str | None:
+        """Why ``linear`` cannot become a LowRankLinear (one line), or None."""
+        return linear_unsupported_reason(linear, "low-rank")
+
     @classmethod
     def from_dense(cls, linear: nn.Linear, rank: int) -> "LowRankLinear":
         """The best rank-``rank`` approximation of a trained ``linear`` (SVD in float64, cast back)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LowRankLinear.from_dense expects an nn.Linear, got {type(linear).__name__}")
+        reason = cls.unsupported_reason(linear)
+        if reason is not None:
+            raise RankError(f"cannot use low-rank here: {reason}")
         from tncompress.decompositions.svd import truncated_svd  # pure torch; imported where needed
 
         weight = linear.weight.detach()

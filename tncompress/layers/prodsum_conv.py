@@ -4,8 +4,9 @@ K = Π_j Σ_k g(a_jk)·M_jk (see :mod:`tncompress.layers.prodsum_linear`), run a
 Why not the :class:`~tncompress.layers.conv_base.FactorizedConv2d` chain: that base is a chain of
 ``nn.Conv2d`` modules holding weights, while here the kernel is *generated* from a few scalars and
 applied by a single convolution (the assembly is batch independent and costs nothing per pixel).
-The convolution itself runs through a parameter-less ``nn.Conv2d`` template on the meta device, so
-stride, padding (strings and modes), dilation behave exactly as ``nn.Conv2d``. groups = 1 only.
+The convolution runs through the arithmetic of an ``nn.Conv2d`` template on the meta device (its
+``_conv_forward`` with the generated kernel), so stride, padding (strings and modes), dilation behave
+exactly as ``nn.Conv2d`` and the layer traces. groups = 1 only. ``merge()`` keeps the kernel.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from tncompress.errors import RankError
 from tncompress.layers.conv_base import _json_geometry, _pair, _padding, conv_macs, conv_unsupported_reason
@@ -96,11 +96,16 @@ class ProdSumConv2d(ProdSumFactors):
         """The (out, in, kh, kw) kernel, differentiable in the scalars."""
         return self.weight_matrix().reshape(self.out_channels, self.in_channels, *self.kernel_size)
 
+    def _precompute(self) -> Tensor:
+        return self.kernel()
+
     def forward(self, x: Tensor) -> Tensor:
-        params = {"weight": self.kernel()}
-        if self.bias is not None:
-            params["bias"] = self.bias
-        return functional_call(self._template, params, (x,))
+        kernel = self._merged_ops()
+        if kernel is None:
+            kernel = self.kernel()
+        # nn.Conv2d's own arithmetic (padding modes, string padding) on the generated kernel: a plain
+        # function of tensors, so the layer traces and exports
+        return self._template._conv_forward(x, kernel, self.bias)
 
     def config(self) -> dict[str, Any]:
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,

@@ -9,8 +9,8 @@ construction and whenever the dtype changes (so a float64 layer holds float64-ex
 Forward: each factor is applied by its cheapest exact route — circulant factors by real FFTs,
 Kronecker factors by two GEMMs when that beats the dense factor, the others as a dense factor
 assembled from the scalars (one small GEMM) — or, for p > 1, all factors are first multiplied into W
-when one GEMM with W is cheaper. Assembled operators are batch independent: with autograd they
-are rebuilt every call, at inference they are cached until a scalar changes.
+when one GEMM with W is cheaper. Assembled operators are batch independent: they are rebuilt on
+every call, or kept by ``merge()`` for inference (see :mod:`tncompress.layers.base`).
 
 Pure torch: a compressed model runs where tensorly is not installed.
 """
@@ -28,11 +28,16 @@ from torch import Tensor, nn
 
 from tncompress.decompositions import prodsum as ps
 from tncompress.errors import RankError
-from tncompress.layers.base import FactorizedLayer
+from tncompress.layers.base import FactorizedLayer, linear_unsupported_reason
 
 __all__ = ["ProdSumLinear", "ProdSumFactors"]
 
 log = logging.getLogger(__name__)
+
+
+def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16 / bfloat16 FFTs are not supported on CPU (nor for every size on CUDA): use float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _is_int(v: Any) -> bool:
@@ -96,7 +101,6 @@ class ProdSumFactors(FactorizedLayer):
             for name, t in bases.items():
                 self.register_buffer(f"basis{j}_{name}", t, persistent=False)
         self._basis_dtype = ref.dtype
-        self._cache: dict[Any, Any] = {}
 
     def _make_bases(self, j: int, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
         r, c = self.shapes[j]
@@ -118,7 +122,6 @@ class ProdSumFactors(FactorizedLayer):
                 for name, t in self._make_bases(j, dtype, self.coeffs[0].device).items():
                     setattr(self, f"basis{j}_{name}", t)
             self._basis_dtype = dtype
-        self._cache.clear()
         return out
 
     # ------------------------------------------------------------------ values
@@ -177,7 +180,7 @@ class ProdSumFactors(FactorizedLayer):
         with torch.no_grad():
             for j in range(self.p):
                 self.coeffs[j].copy_(coeffs[j].to(self.coeffs[j]))
-        self._cache.clear()
+        self.unmerge()
         log.info("prodsum fit of a %s×%s weight: relative error %.4g", *self.shapes[0][:1], self.shapes[-1][1], err)
         return err
 
@@ -223,7 +226,12 @@ class ProdSumLinear(ProdSumFactors):
             bound = 1.0 / math.sqrt(self.in_features)
             with torch.no_grad():
                 self.bias.uniform_(-bound, bound)
-        self._cache.clear()
+        self.unmerge()
+
+    @staticmethod
+    def unsupported_reason(linear: nn.Module) -> str | None:
+        """Why ``linear`` cannot become a ProdSumLinear (one line), or None."""
+        return linear_unsupported_reason(linear, "product-of-sums")
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, p: int = 1, terms: int | Sequence[int] = 16,
@@ -233,6 +241,9 @@ class ProdSumLinear(ProdSumFactors):
         (float64, cast back to the module's dtype). ``fit_error`` holds the relative weight error."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"ProdSumLinear.from_dense expects an nn.Linear, got {type(linear).__name__}")
+        reason = cls.unsupported_reason(linear)
+        if reason is not None:
+            raise RankError(f"cannot use product-of-sums here: {reason}")
         weight = linear.weight.detach()
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)  # the ALS start (the random init) is reproducible from the seed
@@ -296,7 +307,7 @@ class ProdSumLinear(ProdSumFactors):
         return merged_total < chain_total
 
     def macs_per_sample(self, input_hw: tuple[int, int] | None = None) -> int:
-        """MACs of one inference forward of one sample once the assembled factors are cached (see
+        """MACs of one inference forward of one sample with the factors assembled by ``merge()`` (see
         :meth:`assemble_macs` for the batch-independent assembly). Circulant factors run as FFTs,
         whose MACs are an estimate (:func:`~tncompress.decompositions.prodsum.fft_macs`) that
         FlopCounterMode does not see; everything else is exactly what FlopCounterMode counts."""
@@ -305,7 +316,7 @@ class ProdSumLinear(ProdSumFactors):
         return sum(self._sample_macs(j) for j in range(self.p))
 
     def assemble_macs(self, batch: int | None = None) -> int:
-        """Matmul MACs of assembling the operators (every forward with autograd, once at inference)."""
+        """Matmul MACs of assembling the operators (every forward; once after ``merge()``)."""
         if self._merged(batch):
             return sum(self._assemble_macs(j) for j in range(self.p)) + self._merge_macs()
         return sum(self._assemble_macs(j) for j in range(self.p) if self._factor_kind(j) == "dense")
@@ -324,7 +335,7 @@ class ProdSumLinear(ProdSumFactors):
             if kind == "fft":
                 n = max(r, c)
                 full = coeffs.new_zeros(n).index_add(0, bases["offsets"], coeffs)
-                ops.append(("fft", (torch.fft.rfft(full).conj(), n, r)))
+                ops.append(("fft", (torch.fft.rfft(full.to(_fft_dtype(full.dtype))).conj(), n, r)))
             elif kind == "kron":
                 a, b = bases["a"], bases["b"]
                 s, r1, c1 = a.shape
@@ -336,24 +347,23 @@ class ProdSumLinear(ProdSumFactors):
                 ops.append(("dense", ps.assemble(self.families[j], bases, coeffs, r, c)))
         return ops
 
+    def _precompute(self) -> list[tuple[str, Any]]:
+        return self._prepare(self._merged(None))
+
     def _operators(self, batch: int) -> list[tuple[str, Any]]:
-        if torch.is_grad_enabled():
-            return self._prepare(self._merged(batch))
-        try:
-            key = tuple((c.data_ptr(), c._version, c.dtype, c.device) for c in self.coeffs)
-        except RuntimeError:  # inference tensors have no version counter: do not cache
-            return self._prepare(self._merged(None))
-        ops = self._cache.get(key)
-        if ops is None:
-            self._cache.clear()
-            ops = self._cache[key] = self._prepare(self._merged(None))
-        return ops
+        ops = self._merged_ops()
+        if ops is not None:
+            return ops
+        return self._prepare(self._merged(batch if torch.is_grad_enabled() else None))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"ProdSumLinear expects inputs with {self.in_features} features, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         t = x.reshape(-1, x.shape[-1])
+        if t.shape[0] == 0:  # FFT backends refuse empty batches; the answer is known
+            y = t @ t.new_zeros(self.in_features, self.out_features)  # empty, and part of the graph
+            return (y + self.bias if self.bias is not None else y).reshape(*lead, self.out_features)
         ops = self._operators(t.shape[0])
         for i, (kind, op) in enumerate(ops):
             last = i == len(ops) - 1
@@ -362,7 +372,8 @@ class ProdSumLinear(ProdSumFactors):
                 continue
             if kind == "fft":
                 spec, n, rows = op
-                t = torch.fft.irfft(torch.fft.rfft(t, n=n) * spec, n=n)[:, :rows]
+                dtype = t.dtype  # half precisions have no CPU FFT (and only power-of-two sizes on CUDA)
+                t = torch.fft.irfft(torch.fft.rfft(t.to(spec.real.dtype), n=n) * spec, n=n)[:, :rows].to(dtype)
             else:
                 left, right, s, r1, c1, r2, c2 = op
                 b = t.shape[0]

@@ -24,7 +24,7 @@ from tncompress.decompositions.tt import (
     tt_matrix_to_full,
 )
 from tncompress.errors import RankError
-from tncompress.layers.base import FactorizedLayer
+from tncompress.layers.base import FactorizedLayer, linear_unsupported_reason
 
 __all__ = ["TTLinear"]
 
@@ -175,7 +175,6 @@ class TTLinear(FactorizedLayer):
         )
         self.bias = nn.Parameter(torch.empty(self.out_features, **factory)) if bias else None
         self._plans: dict[int, _Plan] = {}
-        self._merged_cache: dict[Any, list[Tensor]] = {}
         self.reset_parameters()
 
     # ------------------------------------------------------------------ construction helpers
@@ -224,6 +223,11 @@ class TTLinear(FactorizedLayer):
                 bound = 1.0 / math.sqrt(self.in_features)
                 self.bias.uniform_(-bound, bound)
 
+    @staticmethod
+    def unsupported_reason(linear: nn.Module) -> str | None:
+        """Why ``linear`` cannot become a TTLinear (one line), or None."""
+        return linear_unsupported_reason(linear, "TT")
+
     @classmethod
     def from_dense(
         cls,
@@ -241,6 +245,9 @@ class TTLinear(FactorizedLayer):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"TTLinear.from_dense expects an nn.Linear, got {type(linear).__name__}")
+        reason = cls.unsupported_reason(linear)
+        if reason is not None:
+            raise RankError(f"cannot use TT here: {reason}")
         from tncompress.decompositions.tt import tt_matrix_svd  # pure torch; imported where needed
 
         in_m, out_m = cls._resolve_modes(linear.in_features, linear.out_features, in_modes, out_modes)
@@ -295,8 +302,9 @@ class TTLinear(FactorizedLayer):
         return sum(c.numel() for c in self.cores)
 
     def macs_per_sample(self, input_hw: tuple[int, int] | None = None) -> int:
-        """MACs of one inference forward of a single sample, exactly as run once the merged cores
-        are cached (see :meth:`merge_macs` for the one-off merge, which a training forward repeats).
+        """MACs of one inference forward of a single sample, exactly as run with the merged cores
+        precomputed by ``merge()`` (see :meth:`merge_macs` for the merge, which every forward of an
+        unmerged layer repeats).
 
         The bias add is not a MAC and is not counted (as in FlopCounterMode).
         """
@@ -304,8 +312,8 @@ class TTLinear(FactorizedLayer):
         return plan.macs - plan.merge_macs
 
     def merge_macs(self, batch: int = 1) -> int:
-        """MACs of merging neighbouring cores for the plan used at ``batch``: done on every forward
-        with autograd, once (then cached) at inference."""
+        """MACs of merging neighbouring cores for the plan used at ``batch``: done on every forward,
+        once after ``merge()``."""
         return self._plan_for(batch).merge_macs
 
     def extra_repr(self) -> str:
@@ -349,34 +357,30 @@ class TTLinear(FactorizedLayer):
         logger.debug("TTLinear %s: plan %s %s for batch %d", self.ranks, best.direction, best.groups, bucket)
         return best
 
+    def _precompute(self) -> dict[Any, list[Tensor]]:
+        """``merge()``'s snapshot: merged cores per schedule, filled as batch sizes are met."""
+        return {}
+
     def _merged_cores(self, plan: _Plan) -> list[Tensor]:
         """Each group's cores contracted into one core, laid out as the (R, Q) matrix a step needs.
 
-        Without autograd the result is cached, keyed by the plan and by each core's storage and
-        version counter, so an optimizer step, ``load_state_dict`` or ``.to()`` invalidates it. At
-        batch 1 merging the cores costs more than the contraction itself (1024→1024, rank 8: half
-        of the forward time), so inference reuses the merged cores.
+        Computed from the current cores on every call, unless the layer was ``merge()``d for
+        inference and the snapshot is still valid (see :mod:`tncompress.layers.base`): at batch 1
+        merging costs about as much as the contraction itself (1024→1024, rank 8).
         """
         cores = list(self.cores)
-        key = None
         if not torch.is_grad_enabled():
             # Views of a Parameter keep requires_grad=True even under no_grad, and then
             # torch.matmul(2-D, 3-D) copies the activations to fold them; detaching avoids that
             # (4x faster at fc6) and changes nothing else when no graph is recorded.
             cores = [c.detach() for c in cores]
-            try:
-                key = (plan.groups, plan.direction, tuple((c.data_ptr(), c._version, c.dtype, c.device) for c in cores))
-            except RuntimeError:  # inference tensors have no version counter: do not cache
-                key = None
-            cached = self._merged_cache.get(key) if key is not None else None
-            if cached is not None:
-                return cached
-        out = self._merge(cores, plan)
-        if key is not None:
-            if len(self._merged_cache) >= 4:
-                self._merged_cache.clear()
-            self._merged_cache[key] = out
-        return out
+        snapshot = self._merged_ops()
+        if snapshot is None:
+            return self._merge(cores, plan)
+        key = (plan.groups, plan.direction)
+        if key not in snapshot:
+            snapshot[key] = self._merge([c.detach() for c in cores], plan)
+        return snapshot[key]
 
     @staticmethod
     def _merge(cores: list[Tensor], plan: _Plan) -> list[Tensor]:
