@@ -147,3 +147,13 @@ def test_cli_leaves_openmp_policy_alone_for_report_only():
                            (["decompose", "report.pt"], "PASSIVE")):
         out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, check=True)
         assert out.stdout.strip() == expected, (argv, out.stdout, out.stderr)
+
+
+def test_help_texts_keep_square_brackets(cli):
+    """Rich markup ate `[export]` in `pip install 'tncompress[export]'`."""
+    import re
+
+    res = cli("export", "--help")
+    assert res.exit_code == 0
+    flat = re.sub(r"[\s│]+", "", res.stdout)  # the help box wraps lines
+    assert "pipinstall'tncompress[export]'" in flat, res.stdout

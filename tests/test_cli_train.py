@@ -68,3 +68,21 @@ def test_training_errors_are_one_line(cli, tmp_path):
     assert_user_error(cli("train", "--arch", "mlp-1024", "--dataset", "synthetic", "-o", out, "--resume", *FAST),
                       "state")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("alias", ["fmnist", "FashionMNIST"])
+def test_dataset_aliases_work_in_finetune_and_report(cli, tmp_path, monkeypatch, alias):
+    """`--dataset fmnist` used to load its data, then fail with a KeyError: names resolve where they enter."""
+    from test_data import write_mnist_like
+
+    root = tmp_path / "data"
+    write_mnist_like(root, "FashionMNIST", n_train=64, n_test=16)
+    monkeypatch.setenv("TNCOMPRESS_DATA", str(root))
+    base, ft = tmp_path / "base.pt", tmp_path / "ft.pt"
+    res = cli("train", "--arch", "mlp-1024", "--dataset", alias, "--epochs", "1", "-o", base, "--batch-size", "32")
+    assert res.exit_code == 0, res.output
+    res = cli("finetune", base, "--dataset", alias, "--epochs", "1", "-o", ft, "--batch-size", "32")
+    assert res.exit_code == 0, res.output
+    assert torch.load(ft, weights_only=True)["metadata"]["training"]["dataset"] == "fashion-mnist"
+    rep = cli("report", base, ft, "--dataset", alias, "--json")
+    assert rep.exit_code == 0, rep.output

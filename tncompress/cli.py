@@ -451,7 +451,7 @@ def _finish_gates(results) -> None:
 @handle_errors
 def export(
     checkpoint: Path = typer.Argument(..., help="Model to export (a tncompress checkpoint, or a state dict with --arch)."),
-    fmt: str = typer.Option(..., "--format", "-f", help="torchscript or onnx (onnx needs: pip install 'tncompress[export]')."),
+    fmt: str = typer.Option(..., "--format", "-f", help="torchscript or onnx (onnx needs: pip install 'tncompress\\[export]')."),
     output: Path = typer.Option(None, "--output", "-o", help="File to write (default: next to the input, "
                                 ".torchscript.pt or .onnx)."),
     arch: str = ArchOpt,

@@ -33,6 +33,13 @@ class DataOptions:
     num_workers: int = 0
     download: bool = True
 
+    def __post_init__(self) -> None:
+        """Resolve the dataset name once, where it enters (aliases such as ``fmnist``, any case):
+        everything downstream sees the registry's canonical name."""
+        from tncompress.data import dataset_info
+
+        self.name = dataset_info(self.name).name
+
 
 def input_geometry(loaded: LoadedModel, options: DataOptions) -> tuple[int | None, int | None]:
     """(channels, image size) to feed the model: explicit options first, else the input shape
