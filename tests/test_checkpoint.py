@@ -178,7 +178,7 @@ def test_recompressing_a_compressed_checkpoint_keeps_earlier_layers(tmp_path, cl
     res = cli("decompose", tmp_path / "a.pt", "-r", r2, "-o", tmp_path / "b.pt", "--import", str(mod))
     assert res.exit_code == 0, res.output
     raw = torch.load(tmp_path / "b.pt", weights_only=True)
-    assert [e["name"] for e in raw["layers"]] == ["head.1", "features.2"]
+    assert [e["name"] for e in raw["layers"]] == ["features.2", "head.1"]  # read from the model, in its order
     model = tncompress.load(tmp_path / "b.pt", imports=[str(mod)])
     assert type(model.head[1]).__name__ == "TTLinear" and type(model.features[2]).__name__ == "Tucker2Conv2d"
     assert os.path.getsize(tmp_path / "b.pt") < os.path.getsize(src)
@@ -197,3 +197,27 @@ def test_cifar_stem_resnet_rebuilds_from_its_spec(tmp_path):
         assert torch.equal(loaded.model(x), model.eval()(x))
     with pytest.raises(ModelSpecError, match="cifar_stem=true applies to ResNet-style models"):
         build_model(ModelSpec("torchvision:vgg11", {"cifar_stem": True}))
+
+
+def test_library_save_of_a_reloaded_model_decomposed_again_keeps_every_layer(tmp_path):
+    """tncompress.save() used to record only the layers of the last run, so the file did not reload."""
+    from tncompress.recipe import parse_recipe
+
+    torch.manual_seed(0)
+    spec = ModelSpec("mlp-1024")
+    model = build_model(spec).eval()
+    first = tncompress.decompose(model, parse_recipe({"version": 1, "layers": [{"name": "fc1", "method": "lowrank",
+                                                                               "rank": 8}]}),
+                                 input_shape=[1, 1, 32, 32])
+    tncompress.save(first, tmp_path / "a.pt", spec=spec)
+    again = tncompress.load(tmp_path / "a.pt")
+    second = tncompress.decompose(again, parse_recipe({"version": 1, "layers": [{"name": "fc2", "method": "tt",
+                                                                                "rank": 4}]}),
+                                  input_shape=[1, 1, 32, 32])
+    tncompress.save(second, tmp_path / "b.pt", spec=spec)
+    raw = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert {e["name"]: e["method"] for e in raw["layers"]} == {"fc1": "lowrank", "fc2": "tt"}
+    reloaded = tncompress.load(tmp_path / "b.pt")
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), second.model(x))

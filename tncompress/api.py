@@ -14,5 +14,5 @@ def save(result: DecomposeResult, path: str | Path, *, spec: ModelSpec | None,
     """Write a :class:`DecomposeResult` as a compressed checkpoint that :func:`tncompress.load` rebuilds."""
     if spec is not None and spec.input_shape is None and "input_shape" in result.calibration:
         spec = ModelSpec(spec.arch, spec.kwargs, spec.imports, list(result.calibration["input_shape"]))
-    save_compressed(path, result.model, spec=spec, layers=result.layers, plan=[p.to_dict() for p in result.plan],
-                    recipe=recipe, metadata={"calibration": result.calibration, **(metadata or {})})
+    save_compressed(path, result.model, spec=spec, plan=[p.to_dict() for p in result.plan],
+                    recipe=recipe, metadata={**result.metadata(), **(metadata or {})})

@@ -24,7 +24,7 @@ from torch import nn
 from tncompress._version import __version__
 from tncompress.errors import CheckpointError, ModelSpecError
 from tncompress.models import ModelSpec, build_model, import_file
-from tncompress.surgery import apply_structure
+from tncompress.surgery import apply_structure, factorized_structure
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ def load(path: str | Path, *, base_model: nn.Module | None = None, imports: list
 
 
 def save_compressed(path: str | Path, model: nn.Module, *, spec: ModelSpec | None,
-                    layers: list[dict[str, Any]], plan: list[dict[str, Any]] | None = None,
+                    layers: list[dict[str, Any]] | None = None, plan: list[dict[str, Any]] | None = None,
                     recipe: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None) -> None:
     """Write a compressed checkpoint atomically.
 
@@ -372,7 +372,18 @@ def save_compressed(path: str | Path, model: nn.Module, *, spec: ModelSpec | Non
     spec), ``layers`` (name, method, config of every factorized layer: enough to rebuild the
     structure), ``plan`` (the resolved per-layer plan with ranks, counts and errors), ``recipe``,
     ``metadata`` and ``state_dict``.
+
+    The structure is derived from ``model`` itself (every factorized layer it holds, also those of a
+    reloaded checkpoint decomposed again); ``layers``, if given, must agree with it.
     """
+    structure = factorized_structure(model)
+    if layers is not None:
+        given = {entry["name"] for entry in layers}
+        missing = given - {entry["name"] for entry in structure}
+        if missing:
+            raise CheckpointError(f"{path}: layers {sorted(missing)} are listed as factorized but the model "
+                                  "holds no factorized layer there")
+    layers = structure
     state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT_NAME,

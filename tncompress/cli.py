@@ -243,14 +243,14 @@ def plan(
 ) -> None:
     """Dry run: which rule picks each layer, method, modes, ranks, params and MACs before and after."""
     from tncompress.measure import count_params
-    from tncompress.planner import make_plan
+    from tncompress.compress import make_plan
     from tncompress.recipe import load_recipe
 
     rec = load_recipe(recipe, overrides or [])
     loaded = _load(checkpoint, arch, arch_args, imports, trust_pickle, input_shape)
     shape = _input_shape(loaded, input_shape)
     layers = make_plan(loaded.model, rec, shape)
-    budget = getattr(layers, "budget", None)
+    budget = layers.budget
     if as_json:
         sys.stdout.write(_plan_json(layers, {"input": str(checkpoint), "recipe": str(recipe), "input_shape": shape,
                                              **({"budget": budget} if budget else {})}) + "\n")
@@ -279,14 +279,11 @@ def decompose(
 ) -> None:
     """Decompose the layers a recipe selects and write a reloadable compressed checkpoint.
     The input file is only read; the output is written atomically."""
-    from tncompress.checkpoint import file_sha256, save_compressed
-    from tncompress.compress import apply_plan, check_error_bounds, model_output_error, reference_output
+    from tncompress.checkpoint import check_output_path, file_sha256, save_compressed
+    from tncompress.compress import decompose as decompose_model
     from tncompress.measure import count_params
     from tncompress.models import ModelSpec
-    from tncompress.planner import calibration_batch, calibration_settings, make_plan
     from tncompress.recipe import load_recipe
-
-    from tncompress.checkpoint import check_output_path
 
     if output.resolve() == checkpoint.resolve():
         raise TncompressError(f"--output {output} is the input file; write the compressed model to a new file")
@@ -294,44 +291,42 @@ def decompose(
     rec = load_recipe(recipe, overrides or [])
     loaded = _load(checkpoint, arch, arch_args, imports, trust_pickle, input_shape)
     shape = _input_shape(loaded, input_shape)
-    model = loaded.model
-    params_before = count_params(model)
-    calib = calibration_settings(rec)
-    param = next(model.parameters())
-    batch = calibration_batch(shape, calib["batch_size"], calib["seed"], dtype=param.dtype, device=param.device)
-    layers = make_plan(model, rec, shape, batch)
-    budget = getattr(layers, "budget", None)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=False, disable=as_json) as progress:
-        todo = sum(p.action == "decompose" for p in layers)
-        task = progress.add_task("decomposing", total=todo)
+    params_before = count_params(loaded.model)
+    # the bar starts with the first layer, so an error while planning is one line with nothing before it
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err_console, transient=False, disable=as_json)
+    task: Any = None
 
-        def on_progress(event: str, entry, index: int, total: int) -> None:
-            if event == "start":
-                progress.update(task, description=f"{entry.name}: {entry.method} {entry.ranks}")
-            else:
-                progress.update(task, advance=1)
+    def on_progress(event: str, entry: Any, index: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task("decomposing", total=total)
+        if event == "start":
+            progress.update(task, description=f"{entry.name}: {entry.method} {entry.ranks}")
+        else:
+            progress.update(task, advance=1)
 
-        reference = reference_output(model, batch)
-        apply_plan(model, layers, batch, on_progress, max_output_error=calib.get("max_output_error"))
-        progress.update(task, description="decomposed")
-    model_error = model_output_error(model, batch, reference)
-    problems = check_error_bounds(layers, calib, model_error, allow_error=allow_error, source=str(recipe))
-    for problem in problems:
+    try:
+        result = decompose_model(loaded.model, rec, input_shape=shape, inplace=True, progress=on_progress,
+                                 allow_error=allow_error)
+        if task is not None:
+            progress.update(task, description="decomposed")
+    finally:
+        if task is not None:
+            progress.stop()
+    layers, budget, model_error = result.plan, result.budget, result.model_output_error
+    calib = result.calibration
+    for problem in result.bound_violations:
         err_console.print(f"[yellow]warning:[/] {problem} (written anyway: --allow-error)", highlight=False)
     spec = loaded.spec
     if spec is not None:
         spec = ModelSpec(spec.arch, spec.kwargs, spec.imports, list(shape))
-    prior = loaded.layers if loaded.kind == "tncompress" else []
-    structure = prior + [p.layer_entry for p in layers if p.action == "decompose"]
-    save_compressed(output, model, spec=spec, layers=structure, plan=[p.to_dict() for p in layers],
-                    recipe=rec.raw, metadata={"source": str(checkpoint), "source_kind": loaded.kind,
-                                              "source_sha256": file_sha256(checkpoint),
-                                              "recipe_path": str(recipe), "recipe_sha256": file_sha256(recipe),
-                                              "recipe_overrides": list(overrides or []), "seed": calib["seed"],
-                                              "model_output_error": model_error, "bound_violations": problems,
-                                              "calibration": {**calib, "input_shape": shape, "kind": "gaussian noise"},
-                                              **({"budget": budget} if budget else {})})
+    save_compressed(output, result.model, spec=spec, plan=[p.to_dict() for p in layers], recipe=rec.raw,
+                    metadata={"source": str(checkpoint), "source_kind": loaded.kind,
+                              "source_sha256": file_sha256(checkpoint), "recipe_path": str(recipe),
+                              "recipe_sha256": file_sha256(recipe), "recipe_overrides": list(overrides or []),
+                              **result.metadata()})
     if as_json:
         sys.stdout.write(_plan_json(layers, {"input": str(checkpoint), "output": str(output), "input_shape": shape,
                                              "model_output_error": model_error,

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,16 +28,31 @@ __all__ = ["DecomposeResult", "ProgressCallback", "apply_plan", "capture_inputs"
 
 @dataclass
 class DecomposeResult:
-    """The compressed model, the full plan (every layer, with errors), and the structure to save."""
+    """The compressed model, the full plan (every layer, with errors) and what the calibration saw."""
 
     model: nn.Module
-    plan: list[LayerPlan]
+    plan: Sequence[LayerPlan]
     calibration: dict[str, Any] = field(default_factory=dict)
     budget: dict[str, Any] | None = None   # the recipe budget's allocation summary (tncompress.budget)
 
     @property
     def layers(self) -> list[dict[str, Any]]:
+        """The layers this run decomposed (a checkpoint records every factorized layer of the model)."""
         return [p.layer_entry for p in self.plan if p.action == "decompose"]
+
+    @property
+    def model_output_error(self) -> float | None:
+        return self.calibration.get("model_output_error")
+
+    @property
+    def bound_violations(self) -> list[str]:
+        return list(self.calibration.get("bound_violations") or [])
+
+    def metadata(self) -> dict[str, Any]:
+        """The checkpoint metadata of this run, the same for the library and the CLI."""
+        return {"seed": self.calibration.get("seed"), "model_output_error": self.model_output_error,
+                "bound_violations": self.bound_violations, "calibration": dict(self.calibration),
+                **({"budget": self.budget} if self.budget else {})}
 
 
 def make_plan(model: nn.Module, recipe: Recipe, input_shape: Sequence[int],
@@ -79,4 +92,4 @@ def decompose(model: nn.Module, recipe: Recipe, *, input_shape: Sequence[int],
     problems = check_error_bounds(plan, calib, model_error, allow_error=allow_error, source=recipe.source)
     return DecomposeResult(model, plan, {**calib, "input_shape": list(input_shape), "kind": kind,
                                          "model_output_error": model_error, "bound_violations": problems},
-                           budget=getattr(plan, "budget", None))
+                           budget=plan.budget)

@@ -139,7 +139,7 @@ def train_and_save(loaded: LoadedModel, output: str | Path, data: DataOptions, c
         history = list(metadata.get("training_runs") or [])
         metadata["training"] = {**training_meta, **result_meta}
         metadata["training_runs"] = history + [metadata["training"]] if result_meta.get("final") else history
-        save_compressed(output, model, spec=spec, layers=loaded.layers, plan=header.get("plan"),
+        save_compressed(output, model, spec=spec, plan=header.get("plan"),
                         recipe=header.get("recipe"), metadata=metadata)
 
     def events(event: str, payload: dict[str, Any]) -> None:

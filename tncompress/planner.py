@@ -250,9 +250,3 @@ def plan_layers(model: nn.Module, recipe: Recipe, input_shape: Sequence[int]) ->
         plans.append(plan)
     return Plan(plans)
 
-
-def make_plan(model: nn.Module, recipe: Recipe, input_shape: Sequence[int],
-              calibration_input: torch.Tensor | None = None) -> Plan:  # TEMPORARY shim during the restructure
-    from tncompress.compress import make_plan as pipeline_make_plan
-
-    return pipeline_make_plan(model, recipe, input_shape, calibration_input)

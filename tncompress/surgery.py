@@ -68,3 +68,16 @@ def apply_structure(model: nn.Module, layers: Iterable[dict[str, Any]]) -> nn.Mo
         new.train(old.training)
         set_module(model, entry["name"], new)
     return model
+
+
+def factorized_structure(model: nn.Module) -> list[dict[str, Any]]:
+    """Name, method key and config of every factorized layer in ``model``, outermost first: what a
+    checkpoint needs to rebuild the model's structure on a fresh base model. Derived from the model
+    itself, so layers decomposed in an earlier run (a reloaded checkpoint) are never forgotten."""
+    out = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, FactorizedLayer) and not any(name.startswith(p) for p in inside):
+            out.append({"name": name, "method": type(module).method, "config": module.config()})
+            inside.append(name + ".")
+    return out
