@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CliResult
 
 from tncompress.models import ModelSpec, build_model
-
-from conftest import CliResult
 
 L5 = ["--arch", "lenet5"]
 OK_RECIPE = "version: 1\nlayers:\n  - {name: classifier.1, method: lowrank, rank: 4}\n"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SmallNet
 
 import tncompress
 from tncompress.checkpoint import atomic_save, load_model
@@ -13,8 +14,6 @@ from tncompress.compress import decompose
 from tncompress.errors import CheckpointError, ModelSpecError
 from tncompress.models import ModelSpec, build_model
 from tncompress.recipe import parse_recipe
-
-from conftest import SmallNet
 
 R18 = ModelSpec("torchvision:resnet18", {"num_classes": 10})
 

@@ -7,11 +7,10 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_user_error
 
 import tncompress
 from tncompress.models import ModelSpec, build_model
-
-from conftest import assert_user_error
 
 R18 = ["--arch", "torchvision:resnet18", "--arch-arg", "num_classes=10"]
 

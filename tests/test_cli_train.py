@@ -5,10 +5,9 @@ import json
 
 import pytest
 import torch
+from conftest import assert_user_error
 
 import tncompress
-
-from conftest import assert_user_error
 
 FAST = ["--limit-train", "600", "--limit-test", "200", "--batch-size", "64"]
 
@@ -28,7 +27,8 @@ def test_train_decompose_finetune_report(cli, tmp_path, write_recipe):
     assert raw["layers"] == [] and raw["base"]["input_shape"] == [1, 1, 32, 32]
     assert raw["metadata"]["training"]["dataset"] == "synthetic" and raw["metadata"]["training"]["epochs"] == 2
 
-    recipe = write_recipe("version: 1\nlayers:\n  - {name: fc1, method: tt, in_modes: [4, 8, 8, 4], out_modes: [4, 8, 8, 4], rank: 4}\n")
+    recipe = write_recipe(
+        "version: 1\nlayers:\n  - {name: fc1, method: tt, in_modes: [4, 8, 8, 4], out_modes: [4, 8, 8, 4], rank: 4}\n")
     assert cli("decompose", base, "-r", recipe, "-o", tt).exit_code == 0  # no --arch: recorded in mlp.pt
     res = cli("finetune", tt, "--dataset", "synthetic", "--epochs", "1", "--teacher", base, "-o", ft, *FAST)
     assert res.exit_code == 0, res.output

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SmallNet
 
 from tncompress.compress import decompose
 from tncompress.errors import RankError
 from tncompress.layers import CPConv2d, TTLinear, Tucker2Conv2d
 from tncompress.recipe import parse_recipe
-
-from conftest import SmallNet
 
 
 @pytest.fixture

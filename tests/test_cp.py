@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import CONV_GEOMETRIES
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -20,8 +21,6 @@ from tncompress.decompositions.cp import (
 )
 from tncompress.errors import RankError, TncompressError
 from tncompress.layers.cp_conv import CPConv2d
-
-from conftest import CONV_GEOMETRIES
 
 F64 = torch.float64
 

@@ -11,8 +11,17 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from tncompress.layers import (LAYER_CLASSES, CPConv2d, FactorizedLayer, LowRankLinear, ProdSumConv2d, ProdSumLinear,
-                               TTLinear, Tucker2Conv2d, merged)
+from tncompress.layers import (
+    LAYER_CLASSES,
+    CPConv2d,
+    FactorizedLayer,
+    LowRankLinear,
+    ProdSumConv2d,
+    ProdSumLinear,
+    TTLinear,
+    Tucker2Conv2d,
+    merged,
+)
 
 
 def _linear(m: int = 6, n: int = 12) -> nn.Linear:

@@ -130,3 +130,75 @@ def test_a_new_method_runs_end_to_end_without_pipeline_changes(fixed_fraction, t
 def test_registering_a_taken_name_is_refused():
     with pytest.raises(ValueError, match="already registered"):
         registry.register(registry.get_method("tt"))
+
+
+# --- a new method with its own layer class: checkpoints of it reload through the registry ----------
+
+class ScaledLowRank(LowRankLinear):
+    """A layer class the built-in table does not know: W = scale · second · first."""
+
+    method = "scaled_lowrank"
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 scale: float = 1.0) -> None:
+        super().__init__(in_features, out_features, rank, bias)
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * self.scale)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "scale": self.scale}
+
+
+class ScaledLowRankMethod(FixedFraction):
+    name = "scaledlowrank"
+
+    def layer_class(self, module: nn.Module) -> type[FactorizedLayer]:
+        return ScaledLowRank
+
+    def layer_classes(self) -> tuple[type[FactorizedLayer], ...]:
+        return (ScaledLowRank,)
+
+    def plan(self, module: nn.Module, s: FixedFractionSettings, where: str) -> Planned:
+        planned = super().plan(module, s, where)
+        return Planned({**planned.config, "scale": 0.5}, planned.ranks, planned.notes)
+
+    def factorize(self, module: nn.Module, config: dict[str, Any], s: FixedFractionSettings) -> nn.Module:
+        assert isinstance(module, nn.Linear)
+        layer = ScaledLowRank(module.in_features, module.out_features, config["rank"], module.bias is not None,
+                              scale=config["scale"])
+        with torch.no_grad():
+            fitted = LowRankLinear.from_dense(module, rank=config["rank"])
+            layer.first.copy_(fitted.first / config["scale"])
+            layer.second.copy_(fitted.second)
+            if layer.bias is not None and fitted.bias is not None:
+                layer.bias.copy_(fitted.bias)
+        return layer
+
+
+def test_a_new_layer_class_reloads_from_its_checkpoint_through_the_registry(tmp_path):
+    from tncompress.errors import CheckpointError
+    from tncompress.layers import LAYER_CLASSES
+
+    method = registry.register(ScaledLowRankMethod())
+    assert "scaled_lowrank" not in LAYER_CLASSES  # only the registry knows the class
+    try:
+        torch.manual_seed(0)
+        spec = ModelSpec("mlp-1024")
+        model = build_model(spec).eval()
+        recipe = parse_recipe({"version": 1, "defaults": {"Linear": {"method": "scaledlowrank", "divisor": 4}},
+                               "exclude": ["fc3"]}, "new.yaml")
+        result = tncompress.decompose(model, recipe, input_shape=[1, 1, 32, 32])
+        path = tmp_path / "scaled.pt"
+        tncompress.save(result, path, spec=spec)
+        loaded = tncompress.load(path)
+        layers = [m for m in loaded.modules() if isinstance(m, ScaledLowRank)]
+        assert len(layers) == 2 and all(m.scale == 0.5 for m in layers)
+        x = torch.randn(3, 1, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), result.model(x))
+    finally:
+        registry._REGISTRY.pop(method.name)
+    with pytest.raises(CheckpointError, match="unknown layer method 'scaled_lowrank'"):
+        tncompress.load(path)  # the method is gone: one clear error, not a traceback

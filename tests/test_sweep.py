@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
+from conftest import assert_user_error
 from PIL import Image
 
 from tncompress.errors import TncompressError
 from tncompress.models import ModelSpec, build_model
 from tncompress.recipe import parse_recipe
 from tncompress.sweep import SweepPoint, parse_points, point_recipe
-
-from conftest import assert_user_error
 
 FAST = ["--limit-train", "300", "--limit-test", "200"]
 RECIPE = ("version: 1\ncalibration: {batch_size: 16}\nbudget: {params_ratio: 0.5, candidates: 4}\n"

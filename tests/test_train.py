@@ -20,8 +20,17 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tncompress.errors import TncompressError
-from tncompress.train import (TrainConfig, distillation_loss, evaluate, load_state, lr_factor, parameter_groups,
-                              resolve_amp, resolve_device, train)
+from tncompress.train import (
+    TrainConfig,
+    distillation_loss,
+    evaluate,
+    load_state,
+    lr_factor,
+    parameter_groups,
+    resolve_amp,
+    resolve_device,
+    train,
+)
 
 NUM_CLASSES = 4
 TIMING_KEYS = {"seconds", "images_per_second", "eval_seconds"}

@@ -21,8 +21,8 @@ from tncompress.decompositions.tt import (
     tt_rank_for_fraction,
 )
 from tncompress.errors import RankError
-from tncompress.measure import LargestTensorMode
 from tncompress.layers.tt_linear import TTLinear, _candidate_groupings, _make_plan
+from tncompress.measure import LargestTensorMode
 
 FC6_IN = [2, 7, 8, 8, 7, 4]
 FC6_OUT = [4] * 6

@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
+from conftest import CONV_GEOMETRIES
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from tncompress.decompositions.tucker2 import tucker2, tucker2_to_kernel
 from tncompress.errors import RankError, TncompressError
 from tncompress.layers.tucker_conv import Tucker2Conv2d
-
-from conftest import CONV_GEOMETRIES
 
 F64 = torch.float64
 

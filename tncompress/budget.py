@@ -260,6 +260,7 @@ class _Probe:
             return err, math.nan, math.nan
         if not bool(torch.isfinite(raw).all()):
             return math.inf, 1.0, math.inf
+        assert self.labels is not None  # set together with self.logits
         disagree = float(torch.ne(raw.argmax(dim=1), self.labels).double().mean())
         kl = self._kl(raw)
         return disagree + KL_TIEBREAK * min(kl, 10.0), disagree, kl

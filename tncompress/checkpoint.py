@@ -114,7 +114,7 @@ def _output_mode(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path`` and rename it into place, so a reader
     (or a crash) never sees a half-written file. Temporaries left by a killed earlier writer of the
     same path are removed first."""

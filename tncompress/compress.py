@@ -14,8 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from tncompress.apply import (ProgressCallback, apply_plan, capture_inputs, check_error_bounds, layer_bound,
-                              model_output_error, reference_output)
+from tncompress.apply import (
+    ProgressCallback,
+    apply_plan,
+    capture_inputs,
+    check_error_bounds,
+    layer_bound,
+    model_output_error,
+    reference_output,
+)
 from tncompress.budget import apply_budget
 from tncompress.planner import LayerPlan, Plan, calibration_batch, calibration_settings, plan_layers
 from tncompress.recipe import Recipe

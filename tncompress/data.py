@@ -32,9 +32,10 @@ import re
 import socket
 import struct
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -346,7 +347,7 @@ def _read_rgb(path: Path, size: int) -> torch.Tensor:
         raise DatasetError(f"Tiny-ImageNet: cannot read image {path}: {_reason(exc)}; "
                            "replace the file (re-extract the archive)") from exc
     if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.BILINEAR)
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
@@ -583,7 +584,7 @@ def _load_tiny_imagenet(info: DatasetInfo, split: str, root: Path
              if line.strip()]
     if not wnids:
         raise DatasetError(f"{bad}: {wnids_path} lists no classes")
-    index = {}
+    index: dict[str, int] = {}
     for lineno, wnid in enumerate(wnids, 1):
         if wnid in index:
             raise DatasetError(f"{bad}: {wnids_path} lists {wnid} twice (line {lineno})")
@@ -717,6 +718,14 @@ def _mix_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def _require_int(value: Any, what: str, minimum: int = 1) -> int:
+    """``value`` checked as an int >= ``minimum`` (None is refused)."""
+    checked = _check_int(value, what, minimum=minimum)
+    if checked is None:
+        raise DatasetError(f"{what} must be an integer >= {minimum}, got None")
+    return checked
+
+
 def _check_int(value: Any, what: str, allowed: Sequence[int] | None = None, minimum: int = 1) -> int | None:
     if value is None:
         return None
@@ -814,8 +823,8 @@ def make_loader(
     ``num_workers > 0``; with ``num_workers=0`` augmentation draws from torch's global RNG
     (``torch.manual_seed`` fixes it). Memory is pinned when ``device`` is a CUDA device.
     """
-    batch_size = _check_int(batch_size, "batch_size")
-    num_workers = _check_int(num_workers, "num_workers", minimum=0)
+    batch_size = _require_int(batch_size, "batch_size")
+    num_workers = _require_int(num_workers, "num_workers", minimum=0)
     generator = torch.Generator()
     generator.manual_seed(_mix_seed(seed, epoch))
     pin = device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()

@@ -88,6 +88,8 @@ def _onnx(model: nn.Module, example: torch.Tensor, tmp: Path, opset: int | None)
     with torch.enable_grad(), contextlib.redirect_stdout(noise), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (example,), **kwargs)
+    if program is None:  # the dynamo exporter always returns a program; None means a legacy export path ran
+        raise ExportError("torch.onnx.export returned no ONNX program (legacy exporter?); upgrade torch")
     program.save(str(tmp))
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from tncompress.layers import FactorizedLayer, build_layer
+from tncompress.layers import LAYER_CLASSES, FactorizedLayer
 
 DECOMPOSABLE_TYPES: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
 
@@ -56,12 +56,30 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
+def layer_class(key: str) -> type[FactorizedLayer]:
+    """The layer class whose ``method`` key is ``key``: the built-in layers first, then the layer
+    classes of every registered method (so a checkpoint of a plug-in method reloads).
+    :class:`ValueError` if no class has that key."""
+    cls = LAYER_CLASSES.get(key)
+    if cls is not None:
+        return cls
+    from tncompress.methods import all_methods  # the registry imports its plug-ins on first use
+
+    known = dict(LAYER_CLASSES)
+    for method in all_methods().values():
+        for candidate in method.layer_classes():
+            known.setdefault(candidate.method, candidate)
+    if key in known:
+        return known[key]
+    raise ValueError(f"unknown layer method {key!r}; known: {', '.join(sorted(known))}")
+
+
 def apply_structure(model: nn.Module, layers: Iterable[dict[str, Any]]) -> nn.Module:
     """Swap in factorized layers of the recorded structure (``name``, ``method``, ``config``),
     matching the original layer's dtype and device; weights come from a state dict afterwards."""
     for entry in layers:
         old = get_module(model, entry["name"])
-        new = build_layer(entry["method"], dict(entry["config"]))
+        new: nn.Module = layer_class(entry["method"])(**dict(entry["config"]))
         ref = next(old.parameters(), None)
         if ref is not None:
             new = new.to(device=ref.device, dtype=ref.dtype)

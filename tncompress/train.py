@@ -294,7 +294,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     """Trainable parameters split into ``decay`` (matrices, conv kernels, TT cores…) and ``no_decay``
     (1-D and scalar parameters: biases, norm scales and shifts, trainable scalars); empty groups are
     dropped."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim > 1 else no_decay).append(param)
@@ -500,6 +501,312 @@ def _non_finite(epoch: int, step: int, steps: int, lr: float, value: float, conf
                            f"(lr {lr:.3g}); stopped — {hint}")
 
 
+@dataclass
+class _Run:
+    """One training session: the model and what drives it (device, precision, optimizer, schedule),
+    and what it has done so far (history, best epoch, time). The named steps below read and update it."""
+
+    model: nn.Module
+    config: TrainConfig
+    device: torch.device
+    dtype: torch.dtype
+    amp_dtype: torch.dtype | None
+    amp_name: str
+    use_scaler: bool
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    teacher: nn.Module | None = None
+    teacher_dtype: torch.dtype = torch.float32
+    state_path: Path | None = None
+    saved: dict[str, Any] | None = None
+    on_event: Event | None = None
+    report_every: int = 20
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+    steps_per_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_top1: float = -1.0
+    best_epoch: int = 0
+    final: dict[str, Any] = field(default_factory=dict)
+    prior_seconds: float = 0.0
+    start_epoch: int = 0
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def emit(self, event: str, payload: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            self.on_event(event, payload)
+
+    def result(self, seconds: float) -> TrainResult:
+        return TrainResult(history=self.history, best_top1=max(self.best_top1, 0.0), best_epoch=self.best_epoch,
+                           final=self.final, device=str(self.device), amp=self.amp_name, seconds=seconds,
+                           epochs=len(self.history), start_epoch=self.start_epoch, config=self.config.to_dict())
+
+
+@dataclass
+class _EpochStats:
+    """What one pass over the training data measured."""
+
+    loss: float
+    top1: float
+    images: int
+    lr: float
+    seconds: float
+
+
+def _checked_arguments(config: TrainConfig, teacher: nn.Module | None, state_path: str | Path | None,
+                       resume: bool, report_every: int) -> tuple[nn.Module | None, Path | None, dict[str, Any] | None]:
+    """Refuse contradictory arguments before any work; returns (teacher or None, state path, saved state)."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError("config must be a TrainConfig")
+    config.validate()
+    if report_every < 1:
+        raise TncompressError(f"report_every must be ≥ 1 (got {report_every})")
+    if config.kd_weight > 0 and teacher is None:
+        raise TncompressError("--kd-weight > 0 needs a teacher model (--teacher)")
+    if teacher is not None and config.kd_weight <= 0:
+        log.info("a teacher was given but --kd-weight is 0: distillation is off")
+        teacher = None
+    path = Path(state_path) if state_path is not None else None
+    if resume and path is None:
+        raise TncompressError("cannot resume: no training-state file was given")
+    saved = None
+    if path is not None:
+        check_output_path(path)  # fail now, not after the first epoch
+        if resume:
+            saved = load_state(path)
+            _check_resumable(saved, config, path)
+    return teacher, path, saved
+
+
+# ---------------------------------------------------------------- checkpointing
+
+
+def _restore(run: _Run) -> None:
+    """Continue from the saved resume state: weights, optimizer, scaler, history, RNGs."""
+    saved, path = run.saved, run.state_path
+    if saved is None:
+        if path is not None and path.exists():
+            log.warning("%s exists and will be overwritten (pass resume=True to continue it)", path)
+        return
+    load_state_dict_into(run.model, saved["model"], str(path))
+    try:
+        run.optimizer.load_state_dict(saved["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot resume {path}: its optimizer state does not fit this model "
+                              f"({exc})") from exc
+    if run.use_scaler and saved.get("scaler"):
+        run.scaler.load_state_dict(saved["scaler"])
+    run.history = [dict(h) for h in saved["history"]]
+    run.best_top1, run.best_epoch = float(saved["best"]["top1"]), int(saved["best"]["epoch"])
+    run.final = dict(saved.get("final") or {})
+    run.prior_seconds = float(saved.get("seconds", 0.0))
+    run.start_epoch = int(saved["epoch"])
+    _set_rng_state(saved["rng"])
+    if saved.get("device") != str(run.device) or saved.get("amp") != run.amp_name:
+        log.warning("resuming on %s with amp %s; the saved run used %s with amp %s — results may differ "
+                    "slightly from an uninterrupted run", run.device, run.amp_name, saved.get("device"),
+                    saved.get("amp"))
+    log.info("resuming %s after epoch %d of %d", path, run.start_epoch, run.config.epochs)
+
+
+def _save_state(run: _Run, epoch: int, seconds: float) -> None:
+    """Write the resume state after ``epoch`` atomically (a crash leaves the previous epoch's)."""
+    if run.state_path is None:
+        return
+    assert run.scheduler is not None
+    atomic_save(_state(run.model, run.optimizer, run.scheduler, run.scaler, run.config, epoch, run.steps_per_epoch,
+                       run.history, run.best_top1, run.best_epoch, run.final, run.device, run.amp_name, seconds),
+                run.state_path)
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def _lay_out_schedule(run: _Run, epoch: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The per-step schedule, laid out when the first epoch's length is known (restored on resume);
+    later epochs must have the same length."""
+    if run.scheduler is not None:
+        if steps != run.steps_per_epoch:
+            raise TncompressError(f"epoch {epoch} has {steps} batches but earlier epochs had {run.steps_per_epoch}; "
+                                  "the training data must keep its size")
+        return run.scheduler
+    saved = run.saved
+    if saved is not None and int(saved["steps_per_epoch"]) != steps:
+        raise TncompressError(f"cannot resume {run.state_path}: the training data now has {steps} batches "
+                              f"per epoch, the saved run had {saved['steps_per_epoch']}; use the same "
+                              "data and --batch-size")
+    run.steps_per_epoch = steps
+    scheduler = _make_scheduler(run.optimizer, run.config, steps)
+    if saved is not None:
+        scheduler.load_state_dict(saved["scheduler"])
+        # Recompute the current lr with this run's schedule (it differs if --epochs grew).
+        for group, base, fn in zip(run.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * fn(scheduler.last_epoch)
+    run.scheduler = scheduler
+    run.emit("start", {"epochs": run.config.epochs, "start_epoch": run.start_epoch, "steps_per_epoch": steps,
+                       "device": str(run.device), "amp": run.amp_name, "resumed": saved is not None,
+                       "distillation": run.teacher is not None})
+    return scheduler
+
+
+def _step_schedule(run: _Run, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    if run.use_scaler:  # a skipped fp16 step makes LambdaLR warn; the schedule stays per batch
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            scheduler.step()
+    else:
+        scheduler.step()
+
+
+# ---------------------------------------------------------------- loss (with distillation)
+
+
+def _loss(run: _Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, loss) of one batch: label cross-entropy weighted 1 − kd_weight, plus kd_weight times
+    the distillation loss against the teacher's logits when there is a teacher."""
+    config = run.config
+    with torch.autocast(device_type=run.device.type, dtype=run.amp_dtype or torch.float32,
+                        enabled=run.amp_dtype is not None):
+        logits = run.model(x)
+        loss = torch.zeros((), device=run.device)
+        if config.kd_weight < 1:
+            loss = (1 - config.kd_weight) * F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+        if run.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = run.teacher(_to(x, run.device, run.teacher_dtype))
+            loss = loss + config.kd_weight * distillation_loss(logits, teacher_logits, config.kd_temperature)
+    return logits, loss
+
+
+class _FiniteWatch:
+    """Remembers the first non-finite loss on the device and checks it every ``every`` steps, so
+    CUDA needs no host sync per step (the CPU checks every step, where a sync is free)."""
+
+    def __init__(self, device: torch.device, every: int) -> None:
+        self.every = every
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def record(self, step: int, loss: torch.Tensor) -> None:
+        first = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.bad_value = torch.where(first, loss.float(), self.bad_value)
+        self.first_bad = torch.where(first, self.first_bad.new_full((), step), self.first_bad)
+
+    def check(self, run: _Run, epoch: int, step: int, steps: int, lr: float) -> None:
+        if (step % self.every == 0 or step == steps) and self.first_bad.item() >= 0:
+            raise _non_finite(epoch, int(self.first_bad.item()), steps, lr, self.bad_value.item(), run.config)
+
+
+# ---------------------------------------------------------------- one epoch
+
+
+def train_one_epoch(run: _Run, epoch: int, loader: Iterable[Any], steps: int) -> _EpochStats:
+    """One pass over ``loader`` (``steps`` batches): forward, loss, backward, clipped step, schedule."""
+    scheduler = _lay_out_schedule(run, epoch, steps)
+    start = time.perf_counter()
+    run.emit("epoch_start", {"epoch": epoch, "epochs": run.config.epochs, "steps_per_epoch": steps, "lr": run.lr})
+    run.model.train()
+    watch = _FiniteWatch(run.device, 1 if run.device.type == "cpu" else run.report_every)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    correct = torch.zeros((), dtype=torch.int64, device=run.device)
+    images, step, lr = 0, 0, run.lr
+    params = run.params
+    for step, item in enumerate(loader, start=1):
+        if step > steps:
+            raise TncompressError(f"the training loader yielded more than its length ({steps}) batches")
+        x, y = _batch(item)
+        x, y = _to(x, run.device, run.dtype), y.to(run.device, non_blocking=True)
+        lr = run.lr
+        logits, loss = _loss(run, x, y)
+        detached = loss.detach()
+        watch.record(step, detached)
+        watch.check(run, epoch, step, steps, lr)
+
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if run.config.grad_clip is not None:
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, run.config.grad_clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        _step_schedule(run, scheduler)
+
+        batch = y.shape[0]
+        images += batch
+        loss_sum += detached.double() * batch
+        correct += (logits.detach().argmax(dim=1) == y).sum()
+        if run.on_event is not None and (step % run.report_every == 0 or step == steps):
+            elapsed = time.perf_counter() - start
+            run.emit("batch", {"epoch": epoch, "epochs": run.config.epochs, "step": step,
+                               "steps_per_epoch": steps, "global_step": (epoch - 1) * steps + step,
+                               "loss": loss_sum.item() / images, "top1": 100.0 * correct.item() / images,
+                               "images": images, "images_per_second": images / elapsed if elapsed > 0 else 0.0,
+                               "lr": lr})
+    if step != steps:
+        raise TncompressError(f"the training loader yielded {step} batches but its length is {steps}")
+    _sync(run.device)
+    return _EpochStats(loss=loss_sum.item() / images, top1=100.0 * correct.item() / images, images=images,
+                       lr=lr, seconds=time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _evaluate_epoch(run: _Run, epoch: int, stats: _EpochStats, test_loader: Iterable[Any],
+                    epoch_start: float) -> dict[str, Any]:
+    """Test the model after ``epoch``, record the epoch in the history and track the best one;
+    returns the ``epoch_end`` event's payload."""
+    run.emit("eval_start", {"epoch": epoch, "epochs": run.config.epochs})
+    metrics = evaluate(run.model, test_loader, run.device, amp=run.amp_name)
+    improved = metrics["top1"] > run.best_top1
+    if improved:
+        run.best_top1, run.best_epoch = metrics["top1"], epoch
+    entry = {
+        "epoch": epoch,
+        "train_loss": stats.loss,
+        "train_top1": stats.top1,
+        "test_top1": metrics["top1"],
+        "test_top5": metrics["top5"],
+        "test_loss": metrics["loss"],
+        "lr": stats.lr,
+        "seconds": time.perf_counter() - epoch_start,
+        "images_per_second": stats.images / stats.seconds if stats.seconds > 0 else 0.0,
+        "eval_seconds": metrics["seconds"],
+    }
+    run.history.append(entry)
+    run.final = metrics
+    return {**entry, "epochs": run.config.epochs, "best_top1": run.best_top1, "best_epoch": run.best_epoch,
+            "improved": improved, "test_images": metrics["images"]}
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _start(model: nn.Module, config: TrainConfig, teacher: nn.Module | None, state_path: Path | None,
+           saved: dict[str, Any] | None, on_event: Event | None, report_every: int) -> _Run:
+    """Move the model (and teacher) to the device and set up precision, optimizer and scaler."""
+    device = resolve_device(config.device)
+    dtype = _model_dtype(model)
+    amp_dtype, use_scaler, amp_name = resolve_amp(config.amp, device, dtype)
+    model.to(device)
+    teacher_dtype = dtype
+    if teacher is not None:
+        teacher.to(device)
+        teacher.eval()
+        teacher_dtype = _model_dtype(teacher)
+    return _Run(model=model, config=config, device=device, dtype=dtype, amp_dtype=amp_dtype, amp_name=amp_name,
+                use_scaler=use_scaler, optimizer=make_optimizer(model, config),
+                scaler=torch.amp.GradScaler(device.type, enabled=use_scaler), teacher=teacher,
+                teacher_dtype=teacher_dtype, state_path=state_path, saved=saved, on_event=on_event,
+                report_every=report_every)
+
+
 def train(model: nn.Module, train_loader_factory: Callable[[int], Iterable[Any]], test_loader: Iterable[Any],
           config: TrainConfig, *, teacher: nn.Module | None = None, state_path: str | Path | None = None,
           resume: bool = False, on_event: Event | None = None, report_every: int = 20) -> TrainResult:
@@ -514,213 +821,35 @@ def train(model: nn.Module, train_loader_factory: Callable[[int], Iterable[Any]]
     the last epoch's weights (not the best epoch's). A KeyboardInterrupt stops at once (re-raised) and
     leaves the last completed epoch's state untouched. All global RNGs are re-seeded per epoch.
     """
-    if not isinstance(config, TrainConfig):
-        raise TypeError("config must be a TrainConfig")
-    config.validate()
-    if report_every < 1:
-        raise TncompressError(f"report_every must be ≥ 1 (got {report_every})")
-    use_kd = config.kd_weight > 0
-    if use_kd and teacher is None:
-        raise TncompressError("--kd-weight > 0 needs a teacher model (--teacher)")
-    if teacher is not None and not use_kd:
-        log.info("a teacher was given but --kd-weight is 0: distillation is off")
-        teacher = None
-    state_path = Path(state_path) if state_path is not None else None
-    if resume and state_path is None:
-        raise TncompressError("cannot resume: no training-state file was given")
-    if state_path is not None:
-        check_output_path(state_path)  # fail now, not after the first epoch
-    saved = load_state(state_path) if resume else None  # type: ignore[arg-type]
-    if saved is not None:
-        _check_resumable(saved, config, state_path)  # type: ignore[arg-type]
-
-    device = resolve_device(config.device)
-    dtype = _model_dtype(model)
-    amp_dtype, use_scaler, amp_name = resolve_amp(config.amp, device, dtype)
-    model.to(device)
-    teacher_modes: dict[nn.Module, bool] = {}
-    teacher_dtype = dtype
-    if teacher is not None:
-        teacher.to(device)
-        teacher_modes = {m: m.training for m in teacher.modules()}
-        teacher.eval()
-        teacher_dtype = _model_dtype(teacher)
-    optimizer = make_optimizer(model, config)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-
-    history: list[dict[str, Any]] = []
-    best_top1, best_epoch = -1.0, 0
-    final: dict[str, Any] = {}
-    prior_seconds = 0.0
-    start_epoch = 0
-    if saved is not None:
-        load_state_dict_into(model, saved["model"], str(state_path))
-        try:
-            optimizer.load_state_dict(saved["optimizer"])
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"cannot resume {state_path}: its optimizer state does not fit this model "
-                                  f"({exc})") from exc
-        if use_scaler and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        history = [dict(h) for h in saved["history"]]
-        best_top1, best_epoch = float(saved["best"]["top1"]), int(saved["best"]["epoch"])
-        final = dict(saved.get("final") or {})
-        prior_seconds = float(saved.get("seconds", 0.0))
-        start_epoch = int(saved["epoch"])
-        _set_rng_state(saved["rng"])
-        if saved.get("device") != str(device) or saved.get("amp") != amp_name:
-            log.warning("resuming on %s with amp %s; the saved run used %s with amp %s — results may differ "
-                        "slightly from an uninterrupted run", device, amp_name, saved.get("device"), saved.get("amp"))
-        log.info("resuming %s after epoch %d of %d", state_path, start_epoch, config.epochs)
-    elif state_path is not None and state_path.exists():
-        log.warning("%s exists and will be overwritten (pass resume=True to continue it)", state_path)
-
-    def emit(event: str, payload: dict[str, Any]) -> None:
-        if on_event is not None:
-            on_event(event, payload)
-
-    def result(seconds: float) -> TrainResult:
-        return TrainResult(history=history, best_top1=max(best_top1, 0.0), best_epoch=best_epoch, final=final,
-                           device=str(device), amp=amp_name, seconds=seconds, epochs=len(history),
-                           start_epoch=start_epoch, config=config.to_dict())
-
-    if start_epoch >= config.epochs:
-        log.info("%s already holds %d completed epochs: nothing to train", state_path, start_epoch)
-        model.eval()
-        return result(prior_seconds)
-
-    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
-    steps_per_epoch = 0
-    check_every = 1 if device.type == "cpu" else report_every  # a sync per step is free on the CPU only
-    autocast_dtype = amp_dtype or torch.float32
-    session_start = time.perf_counter()
-    epoch = start_epoch
+    teacher, path, saved = _checked_arguments(config, teacher, state_path, resume, report_every)
+    teacher_modes = {m: m.training for m in teacher.modules()} if teacher is not None else {}
     try:
-        for epoch in range(start_epoch + 1, config.epochs + 1):
-            epoch_start = time.perf_counter()
-            seed_everything(epoch_seed(config.seed, epoch))
-            loader = train_loader_factory(epoch)
-            steps = _steps_in(loader)
-            if scheduler is None:
-                steps_per_epoch = steps
-                if saved is not None and int(saved["steps_per_epoch"]) != steps:
-                    raise TncompressError(f"cannot resume {state_path}: the training data now has {steps} batches "
-                                          f"per epoch, the saved run had {saved['steps_per_epoch']}; use the same "
-                                          "data and --batch-size")
-                scheduler = _make_scheduler(optimizer, config, steps_per_epoch)
-                if saved is not None:
-                    scheduler.load_state_dict(saved["scheduler"])
-                    # Recompute the current lr with this run's schedule (it differs if --epochs grew).
-                    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-                        group["lr"] = base * fn(scheduler.last_epoch)
-                emit("start", {"epochs": config.epochs, "start_epoch": start_epoch, "steps_per_epoch": steps,
-                               "device": str(device), "amp": amp_name, "resumed": saved is not None,
-                               "distillation": use_kd})
-            elif steps != steps_per_epoch:
-                raise TncompressError(f"epoch {epoch} has {steps} batches but earlier epochs had {steps_per_epoch}; "
-                                      "the training data must keep its size")
-
-            emit("epoch_start", {"epoch": epoch, "epochs": config.epochs, "steps_per_epoch": steps,
-                                 "lr": optimizer.param_groups[0]["lr"]})
-            model.train()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-            bad_value = torch.zeros((), dtype=torch.float32, device=device)
-            images = 0
-            step = 0
-            lr = optimizer.param_groups[0]["lr"]
-            for step, item in enumerate(loader, start=1):
-                if step > steps:
-                    raise TncompressError(f"the training loader yielded more than its length ({steps}) batches")
-                x, y = _batch(item)
-                x, y = _to(x, device, dtype), y.to(device, non_blocking=True)
-                lr = optimizer.param_groups[0]["lr"]
-                with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=amp_dtype is not None):
-                    logits = model(x)
-                    loss = torch.zeros((), device=device)
-                    if config.kd_weight < 1:
-                        loss = (1 - config.kd_weight) * F.cross_entropy(
-                            logits.float(), y, label_smoothing=config.label_smoothing)
-                    if use_kd:
-                        with torch.no_grad():
-                            teacher_logits = teacher(_to(x, device, teacher_dtype))  # type: ignore[misc]
-                        loss = loss + config.kd_weight * distillation_loss(logits, teacher_logits,
-                                                                           config.kd_temperature)
-                detached = loss.detach()
-                bad = ~torch.isfinite(detached)
-                first = bad & (first_bad < 0)  # device-side bookkeeping: no host sync per step on CUDA
-                bad_value = torch.where(first, detached.float(), bad_value)
-                first_bad = torch.where(first, first_bad.new_full((), step), first_bad)
-                if step % check_every == 0 or step == steps:
-                    if first_bad.item() >= 0:
-                        raise _non_finite(epoch, int(first_bad.item()), steps, lr, bad_value.item(), config)
-
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                if use_scaler:  # a skipped fp16 step makes LambdaLR warn; the schedule stays per batch
-                    with warnings.catch_warnings():
-                        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
-                        scheduler.step()
-                else:
-                    scheduler.step()
-
-                batch = y.shape[0]
-                images += batch
-                loss_sum += detached.double() * batch
-                correct += (logits.detach().argmax(dim=1) == y).sum()
-                if on_event is not None and (step % report_every == 0 or step == steps):
-                    elapsed = time.perf_counter() - epoch_start
-                    emit("batch", {"epoch": epoch, "epochs": config.epochs, "step": step,
-                                   "steps_per_epoch": steps, "global_step": (epoch - 1) * steps + step,
-                                   "loss": loss_sum.item() / images, "top1": 100.0 * correct.item() / images,
-                                   "images": images, "images_per_second": images / elapsed if elapsed > 0 else 0.0,
-                                   "lr": lr})
-            if step != steps:
-                raise TncompressError(f"the training loader yielded {step} batches but its length is {steps}")
-            _sync(device)
-            train_seconds = time.perf_counter() - epoch_start
-
-            emit("eval_start", {"epoch": epoch, "epochs": config.epochs})
-            metrics = evaluate(model, test_loader, device, amp=amp_name)
-            improved = metrics["top1"] > best_top1
-            if improved:
-                best_top1, best_epoch = metrics["top1"], epoch
-            entry = {
-                "epoch": epoch,
-                "train_loss": loss_sum.item() / images,
-                "train_top1": 100.0 * correct.item() / images,
-                "test_top1": metrics["top1"],
-                "test_top5": metrics["top5"],
-                "test_loss": metrics["loss"],
-                "lr": lr,
-                "seconds": time.perf_counter() - epoch_start,
-                "images_per_second": images / train_seconds if train_seconds > 0 else 0.0,
-                "eval_seconds": metrics["seconds"],
-            }
-            history.append(entry)
-            final = metrics
-            total_seconds = prior_seconds + time.perf_counter() - session_start
-            if state_path is not None:
-                atomic_save(_state(model, optimizer, scheduler, scaler, config, epoch, steps_per_epoch, history,
-                                   best_top1, best_epoch, final, device, amp_name, total_seconds), state_path)
-            emit("epoch_end", {**entry, "epochs": config.epochs, "best_top1": best_top1,
-                               "best_epoch": best_epoch, "improved": improved, "test_images": metrics["images"]})
-    except KeyboardInterrupt:
-        log.info("interrupted during epoch %d; %s", epoch,
-                 f"{state_path} holds epoch {len(history)}" if state_path and history else "nothing was saved")
-        raise
+        run = _start(model, config, teacher, path, saved, on_event, report_every)
+        _restore(run)
+        if run.start_epoch >= config.epochs:
+            log.info("%s already holds %d completed epochs: nothing to train", path, run.start_epoch)
+            model.eval()
+            return run.result(run.prior_seconds)
+        session_start = time.perf_counter()
+        epoch = run.start_epoch
+        try:
+            for epoch in range(run.start_epoch + 1, config.epochs + 1):
+                epoch_start = time.perf_counter()
+                seed_everything(epoch_seed(config.seed, epoch))
+                loader = train_loader_factory(epoch)
+                stats = train_one_epoch(run, epoch, loader, _steps_in(loader))
+                epoch_end = _evaluate_epoch(run, epoch, stats, test_loader, epoch_start)
+                _save_state(run, epoch, run.prior_seconds + time.perf_counter() - session_start)
+                run.emit("epoch_end", epoch_end)  # after the save: a listener sees the epoch on disk
+        except KeyboardInterrupt:
+            log.info("interrupted during epoch %d; %s", epoch,
+                     f"{path} holds epoch {len(run.history)}" if path and run.history else "nothing was saved")
+            raise
     finally:
         for module, mode in teacher_modes.items():
             module.training = mode
     model.eval()
-    return result(prior_seconds + time.perf_counter() - session_start)
+    return run.result(run.prior_seconds + time.perf_counter() - session_start)
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,8 @@ from tncompress.errors import RankError
 from tncompress.layers.base import FactorizedLayer
 
 _IntPair = int | Sequence[int]
+PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
+PADDING_MODES: tuple[str, ...] = ("zeros", "reflect", "replicate", "circular")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -37,6 +39,13 @@ def _padding(value: str | _IntPair) -> str | tuple[int, int]:
             raise RankError(f"padding must be 'same', 'valid', an int or a pair of ints, got {value!r}")
         return value
     return _pair(value, "padding")
+
+
+def _padding_mode(value: str) -> PaddingMode:
+    """``value`` checked as one of nn.Conv2d's padding modes."""
+    if value not in PADDING_MODES:
+        raise RankError(f"padding_mode must be zeros, reflect, replicate or circular, got {value!r}")
+    return cast(PaddingMode, value)
 
 
 def _json_geometry(value: str | tuple[int, ...]) -> str | list[int]:
@@ -68,7 +77,7 @@ def conv_output_hw(conv: nn.Conv2d, input_hw: tuple[int, int]) -> tuple[int, int
         if conv.padding == "same":
             out.append(size)
             continue
-        p = 0 if conv.padding == "valid" else conv.padding[axis]  # type: ignore[index]
+        p = 0 if isinstance(conv.padding, str) else int(conv.padding[axis])
         out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
     return out[0], out[1]
 
@@ -118,7 +127,15 @@ class FactorizedConv2d(FactorizedLayer):
     conv, which carries the bias) and implement ``conv_chain`` and ``dense_kernel``.
     """
 
-    # No class-level attribute annotations: TorchScript would try to compile them.
+    if TYPE_CHECKING:  # for the type checker only: TorchScript would compile class-level annotations
+        in_channels: int
+        out_channels: int
+        kernel_size: tuple[int, int]
+        stride: tuple[int, int]
+        padding: str | tuple[int, int]
+        dilation: tuple[int, int]
+        padding_mode: PaddingMode
+        pointwise_out: nn.Conv2d
 
     def conv_chain(self) -> list[nn.Conv2d]:  # pragma: no cover - overridden
         """The convolutions in the order the input flows through them."""
@@ -167,8 +184,9 @@ class FactorizedConv2d(FactorizedLayer):
         )
         with torch.no_grad():
             conv.weight.copy_(self.dense_kernel())
-            if conv.bias is not None:
-                conv.bias.copy_(self.pointwise_out.bias)  # type: ignore[arg-type]
+            bias = self.pointwise_out.bias
+            if conv.bias is not None and bias is not None:
+                conv.bias.copy_(bias)
         return conv
 
     def macs_per_sample(self, input_hw: tuple[int, int] | None = None) -> int:

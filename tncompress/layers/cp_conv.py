@@ -26,8 +26,9 @@ from tncompress.layers.conv_base import (
     _check_channels,
     _decomposition_device,
     _IntPair,
-    _pair,
     _padding,
+    _padding_mode,
+    _pair,
     conv_unsupported_reason,
     split_geometry,
 )
@@ -71,32 +72,32 @@ class CPConv2d(FactorizedConv2d):
         self.stride = _pair(stride, "stride")
         self.padding = _padding(padding)
         self.dilation = _pair(dilation, "dilation")
-        self.padding_mode = padding_mode
+        self.padding_mode = _padding_mode(padding_mode)
         self.rank = rank
         self.form = form
         self.fit_info: dict[str, Any] | None = None
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
         kh, kw = self.kernel_size
-        first, spatial = split_geometry(self.kernel_size, self.stride, self.padding, padding_mode)
+        first, spatial = split_geometry(self.kernel_size, self.stride, self.padding, self.padding_mode)
         self.pointwise_in = nn.Conv2d(in_channels, rank, 1, bias=False, **first, **fk)
-        stride, padding = _pair(spatial["stride"], "stride"), spatial["padding"]
+        stride = _pair(spatial["stride"], "stride")
+        sp_padding: str | tuple[int, int] = _padding(spatial["padding"])
         self.spatial: nn.Module
         if form == "3conv":
-            self.spatial = nn.Conv2d(rank, rank, (kh, kw), stride, padding, self.dilation,
-                                     groups=rank, bias=False, padding_mode=padding_mode, **fk)
+            self.spatial = nn.Conv2d(rank, rank, (kh, kw), stride, sp_padding, self.dilation,
+                                     groups=rank, bias=False, padding_mode=self.padding_mode, **fk)
         else:
             pad_h: str | tuple[int, int] | int
             pad_w: str | tuple[int, int] | int
-            if isinstance(padding, str):
-                pad_h = pad_w = padding
+            if isinstance(sp_padding, str):
+                pad_h = pad_w = sp_padding
             else:
-                pad = _pair(padding, "padding")
-                pad_h, pad_w = (pad[0], 0), (0, pad[1])
+                pad_h, pad_w = (sp_padding[0], 0), (0, sp_padding[1])
             self.spatial = nn.Sequential(
                 nn.Conv2d(rank, rank, (kh, 1), (stride[0], 1), pad_h, (self.dilation[0], 1),
-                          groups=rank, bias=False, padding_mode=padding_mode, **fk),
+                          groups=rank, bias=False, padding_mode=self.padding_mode, **fk),
                 nn.Conv2d(rank, rank, (1, kw), (1, stride[1]), pad_w, (1, self.dilation[1]),
-                          groups=rank, bias=False, padding_mode=padding_mode, **fk),
+                          groups=rank, bias=False, padding_mode=self.padding_mode, **fk),
             )
         self.pointwise_out = nn.Conv2d(rank, out_channels, 1, bias=bias, **fk)
         self.reset_parameters()
@@ -144,7 +145,7 @@ class CPConv2d(FactorizedConv2d):
         result = cp_conv_kernel(weight.to(_decomposition_device(weight)), rank, form=form, **cp_kwargs)
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, rank,
-            stride=conv.stride, padding=conv.padding, dilation=conv.dilation,  # type: ignore[arg-type]
+            stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
             bias=conv.bias is not None, padding_mode=conv.padding_mode, form=form,
             device=weight.device, dtype=weight.dtype,
         )
@@ -159,7 +160,7 @@ class CPConv2d(FactorizedConv2d):
                 convs[0].weight.copy_(f_sp[0].T.reshape(rank, 1, kh, 1))
                 convs[1].weight.copy_(f_sp[1].T.reshape(rank, 1, 1, kw))
             layer.pointwise_out.weight.copy_(f_out.reshape(-1, rank, 1, 1))
-            if conv.bias is not None:
+            if conv.bias is not None and layer.pointwise_out.bias is not None:
                 layer.pointwise_out.bias.copy_(conv.bias.detach())
         layer.fit_info = {
             "rel_error": result.rel_error,

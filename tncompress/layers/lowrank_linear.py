@@ -40,13 +40,13 @@ class LowRankLinear(FactorizedLayer):
         super().__init__()
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
             raise RankError(f"low-rank rank must be a positive integer, got {rank!r}")
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
-        self.rank = min(int(rank), self.in_features, self.out_features)
+        self.in_features: int = int(in_features)
+        self.out_features: int = int(out_features)
+        self.rank: int = min(int(rank), self.in_features, self.out_features)
         factory = {"device": device, "dtype": dtype}
-        self.first = nn.Parameter(torch.empty(self.rank, self.in_features, **factory))
-        self.second = nn.Parameter(torch.empty(self.out_features, self.rank, **factory))
-        self.bias = nn.Parameter(torch.empty(self.out_features, **factory)) if bias else None
+        self.first: nn.Parameter = nn.Parameter(torch.empty(self.rank, self.in_features, **factory))
+        self.second: nn.Parameter = nn.Parameter(torch.empty(self.out_features, self.rank, **factory))
+        self.bias: nn.Parameter | None = nn.Parameter(torch.empty(self.out_features, **factory)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

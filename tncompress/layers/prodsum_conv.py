@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from tncompress.errors import RankError
-from tncompress.layers.conv_base import _json_geometry, _pair, _padding, conv_macs, conv_unsupported_reason
+from tncompress.layers.conv_base import (
+    _json_geometry,
+    _padding,
+    _padding_mode,
+    _pair,
+    conv_macs,
+    conv_unsupported_reason,
+)
 from tncompress.layers.prodsum_linear import ProdSumFactors, _is_int
 
 __all__ = ["ProdSumConv2d"]
@@ -28,6 +35,8 @@ class ProdSumConv2d(ProdSumFactors):
     """A drop-in ``nn.Conv2d`` (groups = 1) whose unfolded kernel is a product of sums."""
 
     method = "prodsum_conv"
+    if TYPE_CHECKING:  # for the type checker only: TorchScript would compile class-level annotations
+        _template: nn.Conv2d
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],
                  stride: int | Sequence[int] = 1, padding: str | int | Sequence[int] = 0,
@@ -44,16 +53,14 @@ class ProdSumConv2d(ProdSumFactors):
         self.stride = _pair(tuple(stride) if isinstance(stride, list) else stride, "stride")
         self.dilation = _pair(tuple(dilation) if isinstance(dilation, list) else dilation, "dilation")
         self.padding = _padding(tuple(padding) if isinstance(padding, list) else padding)
-        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
-            raise RankError(f"padding_mode must be zeros, reflect, replicate or circular, got {padding_mode!r}")
-        self.padding_mode = padding_mode
+        self.padding_mode = _padding_mode(padding_mode)
         self.fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         self._setup(self.out_channels, self.fan_in, p, terms, family, seed, widths, g, density, device, dtype)
         self.bias = nn.Parameter(torch.empty(self.out_channels, device=device, dtype=dtype)) if bias else None
         # Not a submodule (it must not appear in the state dict): only its conv arithmetic is used.
         object.__setattr__(self, "_template", nn.Conv2d(
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
-            bias=bias, padding_mode=padding_mode, device="meta"))
+            bias=bias, padding_mode=self.padding_mode, device="meta"))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -80,16 +87,16 @@ class ProdSumConv2d(ProdSumFactors):
         state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
-            layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,  # type: ignore[arg-type]
+            layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                         conv.dilation, conv.bias is not None, conv.padding_mode, p=p, terms=terms, family=family,
                         seed=seed, widths=widths, g=g, density=density, device=weight.device, dtype=torch.float64)
         finally:
             torch.random.set_rng_state(state)
         layer.fit_error = layer.fit_dense(weight.reshape(conv.out_channels, -1), sweeps=sweeps)
         layer = layer.to(dtype=weight.dtype)
-        if layer.bias is not None:
+        if layer.bias is not None and conv.bias is not None:
             with torch.no_grad():
-                layer.bias.copy_(conv.bias.detach())  # type: ignore[union-attr]
+                layer.bias.copy_(conv.bias.detach())
         return layer
 
     def kernel(self) -> Tensor:

@@ -101,6 +101,7 @@ class ProdSumFactors(FactorizedLayer):
             for name, t in bases.items():
                 self.register_buffer(f"basis{j}_{name}", t, persistent=False)
         self._basis_dtype = ref.dtype
+        self.fit_error: float = math.nan  # relative weight error, set by from_dense
 
     def _make_bases(self, j: int, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
         r, c = self.shapes[j]
@@ -110,7 +111,7 @@ class ProdSumFactors(FactorizedLayer):
     def bases(self, j: int) -> dict[str, Tensor]:
         return {name: getattr(self, f"basis{j}_{name}") for name in self._basis_names[j]}
 
-    def _apply(self, fn: Any, recurse: bool = True) -> "ProdSumFactors":
+    def _apply(self, fn: Any, recurse: bool = True) -> FactorizedLayer:
         """After ``.to(dtype)`` (or ``.double()``, …), regenerate the bases in the new dtype rather than
         keep cast copies, so they are exact in that precision."""
         out = super()._apply(fn, recurse)

@@ -73,6 +73,15 @@ class _Plan:
     merge_macs: int = 0  # of which merging cores into groups (batch independent; cached at inference)
 
 
+def _core_shape(core: Tensor) -> tuple[int, int, int, int]:
+    r0, m, n, r1 = (int(v) for v in core.shape)
+    return r0, m, n, r1
+
+
+def _numel(shape: tuple[int, int, int, int]) -> int:
+    return shape[0] * shape[1] * shape[2] * shape[3]
+
+
 def _group_shape(shapes: Sequence[tuple[int, int, int, int]], a: int, b: int) -> tuple[int, int, int, int]:
     return (shapes[a][0], math.prod(s[1] for s in shapes[a:b]), math.prod(s[2] for s in shapes[a:b]), shapes[b - 1][3])
 
@@ -168,7 +177,7 @@ class TTLinear(FactorizedLayer):
         self.in_modes, self.out_modes = self._resolve_modes(self.in_features, self.out_features, in_modes, out_modes)
         self.ranks = clip_tt_ranks(ranks, self.out_modes, self.in_modes)
         full = [1, *self.ranks, 1]
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(full[k], m, n, full[k + 1], **factory))
             for k, (m, n) in enumerate(zip(self.out_modes, self.in_modes))
@@ -340,11 +349,11 @@ class TTLinear(FactorizedLayer):
         plan = self._plans.get(bucket)
         if plan is not None:
             return plan
-        shapes = [tuple(int(v) for v in c.shape) for c in self.cores]
+        shapes = [_core_shape(c) for c in self.cores]
         limit = _MAX_MERGED_FRACTION * self.in_features * self.out_features
         best: _Plan | None = None
         for groups in _candidate_groupings(len(shapes)):
-            if any(b - a > 1 and math.prod(_group_shape(shapes, a, b)) > limit for a, b in groups):
+            if any(b - a > 1 and _numel(_group_shape(shapes, a, b)) > limit for a, b in groups):
                 continue
             for direction in ("r2l", "l2r"):
                 plan = _make_plan(shapes, groups, direction, bucket)

@@ -22,8 +22,9 @@ from tncompress.layers.conv_base import (
     _check_channels,
     _decomposition_device,
     _IntPair,
-    _pair,
     _padding,
+    _padding_mode,
+    _pair,
     conv_unsupported_reason,
     split_geometry,
 )
@@ -68,12 +69,12 @@ class Tucker2Conv2d(FactorizedConv2d):
         self.stride = _pair(stride, "stride")
         self.padding = _padding(padding)
         self.dilation = _pair(dilation, "dilation")
-        self.padding_mode = padding_mode
+        self.padding_mode = _padding_mode(padding_mode)
         self.fit_info: dict[str, Any] | None = None  # only CP fills it
         self.rel_error: float | None = None  # kernel error after from_dense
         r_in, r_out = self.ranks
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
-        first, spatial = split_geometry(self.kernel_size, self.stride, self.padding, padding_mode)
+        first, spatial = split_geometry(self.kernel_size, self.stride, self.padding, self.padding_mode)
         self.pointwise_in = nn.Conv2d(in_channels, r_in, 1, bias=False, **first, **fk)
         self.core = nn.Conv2d(r_in, r_out, self.kernel_size, dilation=self.dilation, bias=False, **spatial, **fk)
         self.pointwise_out = nn.Conv2d(r_out, out_channels, 1, bias=bias, **fk)
@@ -115,16 +116,15 @@ class Tucker2Conv2d(FactorizedConv2d):
         err = torch.linalg.vector_norm(k64 - tucker2_to_kernel(core, u_out, u_in)).item()
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, (r_in, r_out),
-            stride=conv.stride, padding=conv.padding, dilation=conv.dilation,  # type: ignore[arg-type]
+            stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
             bias=conv.bias is not None, padding_mode=conv.padding_mode,
             device=weight.device, dtype=weight.dtype,
         )
-        cast = {"device": weight.device, "dtype": weight.dtype}
         with torch.no_grad():
-            layer.pointwise_in.weight.copy_(u_in.T.reshape(r_in, -1, 1, 1).to(**cast))
-            layer.core.weight.copy_(core.to(**cast))
-            layer.pointwise_out.weight.copy_(u_out.reshape(-1, r_out, 1, 1).to(**cast))
-            if conv.bias is not None:
+            layer.pointwise_in.weight.copy_(u_in.T.reshape(r_in, -1, 1, 1).to(weight.device, weight.dtype))
+            layer.core.weight.copy_(core.to(weight.device, weight.dtype))
+            layer.pointwise_out.weight.copy_(u_out.reshape(-1, r_out, 1, 1).to(weight.device, weight.dtype))
+            if conv.bias is not None and layer.pointwise_out.bias is not None:
                 layer.pointwise_out.bias.copy_(conv.bias.detach())
         layer.rel_error = err / norm if norm > 0 else 0.0
         return layer

@@ -1,0 +1,4 @@
+"""``python -m tncompress.cli``: the same as the ``tncompress`` command."""
+from tncompress.cli import main
+
+main()

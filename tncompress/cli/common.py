@@ -1,0 +1,136 @@
+"""What every command shares: the typer app, the consoles, error handling (one line and an exit
+code for a user error) and loading the model a command was given."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from tncompress._version import __version__
+from tncompress.errors import EXIT_INTERNAL, TncompressError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_CODES_HELP = ("Exit codes: 0 success, 1 internal error (a bug: rerun with --debug), 2 user error (bad input, "
+                   "recipe, option or path), 3 a quality gate failed (report --gate, or a recipe's error bound).")
+app = typer.Typer(
+    name="tncompress",
+    help=f"Make trained PyTorch models smaller and faster with tensor decompositions.\n\n{EXIT_CODES_HELP}",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+# Piped output (CI logs) gets a wide table instead of rich's 80-column default; COLUMNS still wins.
+_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 150
+console = Console(width=_WIDTH)
+err_console = Console(stderr=True, width=_WIDTH)
+_state = {"debug": False}
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        import torch
+
+        console.print(f"tncompress {__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="Show the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the library does."),
+) -> None:
+    """Make trained PyTorch models smaller and faster with tensor decompositions."""
+    _state["debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)],
+                        force=True)
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _traceback_if_debug() -> None:
+    """With --debug, the traceback of the exception being handled goes to stderr; the exit code
+    stays the same, so scripts behave alike with and without --debug."""
+    if _state["debug"]:
+        import traceback
+
+        sys.stderr.write(traceback.format_exc())
+
+
+def handle_errors(func: F) -> F:
+    """User errors: one line and their exit code; other exceptions: exit 1 (traceback with --debug)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except TncompressError as exc:
+            _traceback_if_debug()
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written", 130)
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:  # an internal error: a bug or an environment problem
+            _traceback_if_debug()
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            _fail(f"internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+                  EXIT_INTERNAL)
+
+    return wrapper  # type: ignore[return-value]
+
+
+# --- shared options ------------------------------------------------------------------------------
+
+def model_spec(arch: str | None, arch_args: list[str] | None, imports: list[str] | None, input_shape: str | None):
+    from tncompress.measure import parse_shape
+    from tncompress.models import ModelSpec, parse_arch_args
+
+    if arch is None:
+        if arch_args:
+            raise TncompressError("--arch-arg needs --arch")
+        return None
+    return ModelSpec(arch=arch, kwargs=parse_arch_args(arch_args or []), imports=[str(Path(p)) for p in imports or []],
+                     input_shape=parse_shape(input_shape) if input_shape else None)
+
+
+def load_input(path: Path, arch, arch_args, imports, trust_pickle, input_shape):
+    from tncompress.checkpoint import load_model
+
+    spec = model_spec(arch, arch_args, imports, input_shape)
+    return load_model(path, spec, trust_pickle=trust_pickle, imports=[str(p) for p in imports or []])
+
+
+def input_shape_of(loaded, input_shape: str | None) -> list[int]:
+    from tncompress.measure import parse_shape
+
+    if input_shape:
+        return parse_shape(input_shape)
+    if loaded.spec is not None:
+        return loaded.spec.default_input_shape()
+    raise TncompressError(f"{loaded.path}: give --input-shape (e.g. 1,3,224,224); a pickled model records none")
+
+
+
+def torch_seed(seed: int) -> None:
+    """Seed model initialisation (the training loop re-seeds per epoch itself)."""
+    import random
+
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,96 @@
+"""``tncompress decompose``: apply a recipe and write the compressed checkpoint."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tncompress.cli.common import app, console, err_console, handle_errors, input_shape_of, load_input
+from tncompress.cli.options import ArchArgOpt, ArchOpt, ImportOpt, InputShapeOpt, RecipeOpt, SetOpt, TrustOpt
+from tncompress.cli.render import plan_json, plan_table, print_budget, print_notes, totals_line
+from tncompress.errors import TncompressError
+
+
+@app.command()
+@handle_errors
+def decompose(
+    checkpoint: Path = typer.Argument(..., help="Input: state dict (with --arch), tncompress checkpoint, or trusted pickle."),
+    recipe: Path = RecipeOpt,
+    output: Path = typer.Option(..., "--output", "-o", help="Compressed checkpoint to write (atomically)."),
+    overrides: list[str] = SetOpt,
+    arch: str = ArchOpt,
+    arch_args: list[str] = ArchArgOpt,
+    imports: list[str] = ImportOpt,
+    trust_pickle: bool = TrustOpt,
+    input_shape: str = InputShapeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the resolved plan with errors as JSON."),
+    allow_error: bool = typer.Option(False, "--allow-error", help="Write the model even when a layer or the model "
+                                     "exceeds the recipe's max_output_error / max_model_error (default: exit 3)."),
+) -> None:
+    """Decompose the layers a recipe selects and write a reloadable compressed checkpoint.
+    The input file is only read; the output is written atomically."""
+    from tncompress.checkpoint import check_output_path, file_sha256, save_compressed
+    from tncompress.compress import decompose as decompose_model
+    from tncompress.measure import count_params
+    from tncompress.models import ModelSpec
+    from tncompress.recipe import load_recipe
+
+    if output.resolve() == checkpoint.resolve():
+        raise TncompressError(f"--output {output} is the input file; write the compressed model to a new file")
+    check_output_path(output)
+    rec = load_recipe(recipe, overrides or [])
+    loaded = load_input(checkpoint, arch, arch_args, imports, trust_pickle, input_shape)
+    shape = input_shape_of(loaded, input_shape)
+    params_before = count_params(loaded.model)
+    # the bar starts with the first layer, so an error while planning is one line with nothing before it
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err_console, transient=False, disable=as_json)
+    task: Any = None
+
+    def on_progress(event: str, entry: Any, index: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task("decomposing", total=total)
+        if event == "start":
+            progress.update(task, description=f"{entry.name}: {entry.method} {entry.ranks}")
+        else:
+            progress.update(task, advance=1)
+
+    try:
+        result = decompose_model(loaded.model, rec, input_shape=shape, inplace=True, progress=on_progress,
+                                 allow_error=allow_error)
+        if task is not None:
+            progress.update(task, description="decomposed")
+    finally:
+        if task is not None:
+            progress.stop()
+    layers, budget, model_error = result.plan, result.budget, result.model_output_error
+    calib = result.calibration
+    for problem in result.bound_violations:
+        err_console.print(f"[yellow]warning:[/] {problem} (written anyway: --allow-error)", highlight=False)
+    spec = loaded.spec
+    if spec is not None:
+        spec = ModelSpec(spec.arch, spec.kwargs, spec.imports, list(shape))
+    save_compressed(output, result.model, spec=spec, plan=[p.to_dict() for p in layers], recipe=rec.raw,
+                    metadata={"source": str(checkpoint), "source_kind": loaded.kind,
+                              "source_sha256": file_sha256(checkpoint), "recipe_path": str(recipe),
+                              "recipe_sha256": file_sha256(recipe), "recipe_overrides": list(overrides or []),
+                              **result.metadata()})
+    if as_json:
+        sys.stdout.write(plan_json(layers, {"input": str(checkpoint), "output": str(output), "input_shape": shape,
+                                             "model_output_error": model_error,
+                                             **({"budget": budget} if budget else {})}) + "\n")
+        return
+    console.print(plan_table(layers, f"Decomposed {checkpoint} → {output} (errors: relative Frobenius norm; "
+                                      f"output error on a calibration batch of {calib['batch_size']})"))
+    print_notes(layers)
+    console.print(totals_line(layers, params_before))
+    print_budget(budget)
+    if model_error is not None:
+        console.print(f"model output error on the calibration batch: {model_error:.3g} (relative)")
+    console.print(f"wrote {output}")
+

@@ -1,0 +1,45 @@
+"""``tncompress plan``: the dry run."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from tncompress.cli.common import app, console, handle_errors, input_shape_of, load_input
+from tncompress.cli.options import ArchArgOpt, ArchOpt, ImportOpt, InputShapeOpt, RecipeOpt, SetOpt, TrustOpt
+from tncompress.cli.render import plan_json, plan_table, print_budget, print_notes, totals_line
+
+
+@app.command()
+@handle_errors
+def plan(
+    checkpoint: Path = typer.Argument(..., help="Input: state dict (with --arch), tncompress checkpoint, or trusted pickle."),
+    recipe: Path = RecipeOpt,
+    overrides: list[str] = SetOpt,
+    arch: str = ArchOpt,
+    arch_args: list[str] = ArchArgOpt,
+    imports: list[str] = ImportOpt,
+    trust_pickle: bool = TrustOpt,
+    input_shape: str = InputShapeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Dry run: which rule picks each layer, method, modes, ranks, params and MACs before and after."""
+    from tncompress.compress import make_plan
+    from tncompress.measure import count_params
+    from tncompress.recipe import load_recipe
+
+    rec = load_recipe(recipe, overrides or [])
+    loaded = load_input(checkpoint, arch, arch_args, imports, trust_pickle, input_shape)
+    shape = input_shape_of(loaded, input_shape)
+    layers = make_plan(loaded.model, rec, shape)
+    budget = layers.budget
+    if as_json:
+        sys.stdout.write(plan_json(layers, {"input": str(checkpoint), "recipe": str(recipe), "input_shape": shape,
+                                             **({"budget": budget} if budget else {})}) + "\n")
+        return
+    console.print(plan_table(layers, f"Plan for {checkpoint} with {recipe} (input {shape})"))
+    print_notes(layers)
+    console.print(totals_line(layers, count_params(loaded.model)))
+    print_budget(budget)
+

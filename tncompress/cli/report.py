@@ -1,0 +1,138 @@
+"""``tncompress report``: size, MACs, latency and accuracy of models side by side, with CI gates."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from tncompress.cli.common import app, console, err_console, handle_errors, input_shape_of, load_input
+from tncompress.cli.options import ArchArgOpt, ArchOpt, DataDirOpt, ImportOpt, InputShapeOpt, TrustOpt
+from tncompress.errors import EXIT_GATE, TncompressError
+
+
+@app.command()
+@handle_errors
+def report(
+    checkpoints: list[Path] = typer.Argument(..., help="Models to compare; the first is the baseline."),
+    arch: str = ArchOpt,
+    arch_args: list[str] = ArchArgOpt,
+    imports: list[str] = ImportOpt,
+    trust_pickle: bool = TrustOpt,
+    input_shape: str = InputShapeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (schema_version 1)."),
+    as_markdown: bool = typer.Option(False, "--markdown", help="Print Markdown."),
+    output: Path = typer.Option(None, "--output", "-o", help="Also write the JSON or Markdown to this file."),
+    layers: bool = typer.Option(False, "--layers", help="Show the per-layer table in the terminal."),
+    latency: bool = typer.Option(False, "--latency", help="Measure forward latency (median of repeated runs)."),
+    latency_batch: int = typer.Option(1, "--latency-batch", min=1, help="Batch size for --latency."),
+    channels_last: bool = typer.Option(False, "--channels-last",
+                                       help="Measure latency with model and input in channels-last (NHWC) layout, "
+                                            "usually faster for factorized convolutions on CPU."),
+    device: str = typer.Option("cpu", "--device", help="Device for latency and accuracy: cpu or cuda."),
+    dataset: str = typer.Option(None, "--dataset", "-d", help="Add top-1 / top-5 accuracy on this dataset's test split."),
+    data_dir: str = DataDirOpt,
+    limit_test: int = typer.Option(None, "--limit-test", min=1, help="Evaluate on the first N test images only."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Evaluation batch size."),
+    gates: list[str] = typer.Option(None, "--gate", help="CI gate METRIC OP NUMBER, checked on every model after the "
+                                    "baseline, e.g. 'top1_drop<=1.0' or 'params_ratio>=4' (repeatable; exit 3 when "
+                                    "one fails). Metrics: params_ratio, macs_ratio, bytes_ratio, top1, top5, "
+                                    "top1_drop, top5_drop, speedup, latency_ms, max_output_error, …"),
+) -> None:
+    """Params, bytes on disk, MACs (per layer and total), ratios against the first model, and
+    accuracy with --dataset; --gate checks CI thresholds (exit 3 when one fails)."""
+    from tncompress.checkpoint import atomic_write
+    from tncompress.gates import check_options, evaluate_gates, parse_gates
+    from tncompress.report import LAYER_HEADERS, ReportOptions, build_report, layer_rows, summary_rows, to_json, to_markdown
+
+    parsed_gates = parse_gates(gates or [])  # bad syntax fails before any work
+    check_options(parsed_gates, dataset=dataset is not None, latency=latency)
+    if as_json and as_markdown:
+        raise TncompressError("choose one of --json and --markdown")
+    if output and not (as_json or as_markdown):
+        raise TncompressError("--output needs --json or --markdown to say which format to write")
+    if output:
+        from tncompress.checkpoint import check_output_path
+
+        check_output_path(output)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TncompressError("--device cuda: no CUDA device is available here")
+    loaded = _load_for_report(checkpoints, arch, arch_args, imports, trust_pickle, input_shape)
+    recorded = [m.spec.input_shape for m in loaded if m.spec is not None and m.spec.input_shape]
+    shape = input_shape_of(loaded[0], input_shape) if input_shape or not recorded else list(recorded[0])
+    data = None
+    if dataset is not None:
+        from tncompress.finetune import DataOptions
+
+        data = DataOptions(dataset, data_dir, limit_test=limit_test)
+    rep = build_report(loaded, ReportOptions(shape, latency, latency_batch, device, data, batch_size,
+                                             channels_last=channels_last))
+    gate_results = evaluate_gates(parsed_gates, rep)
+    if parsed_gates:
+        rep["gates"] = [g.to_dict() for g in gate_results]
+    if as_json or as_markdown:
+        text = to_json(rep) + "\n" if as_json else to_markdown(rep)
+        if output:
+            atomic_write(output, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        sys.stdout.write(text)
+        _finish_gates(gate_results)
+        return
+    headers, rows = summary_rows(rep)
+    table = Table(title=f"Report (input {shape}; ratios are baseline / model)", title_justify="left")
+    for h in headers:
+        table.add_column(h, overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    if layers:
+        for m in rep["models"]:
+            t = Table(title=f"Layers of {m['path']}", title_justify="left")
+            for h in LAYER_HEADERS:
+                t.add_column(h, overflow="fold")
+            for r in layer_rows(m):
+                t.add_row(*r)
+            console.print(t)
+    console.print(f"[dim]{rep['mac_rule']}[/]")
+    for result in gate_results:
+        if result.passed:
+            console.print(f"[green]{result.line()}[/]", highlight=False)
+    _finish_gates(gate_results)
+
+
+def _finish_gates(results) -> None:
+    """One stderr line per failed gate, then exit 3; nothing when every gate held."""
+    failed = [r for r in results if not r.passed]
+    for result in failed:
+        err_console.print(f"[bold red]{result.line()}[/]", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(EXIT_GATE)
+
+
+def _load_for_report(paths: list[Path], arch, arch_args, imports, trust_pickle, input_shape) -> list:
+    """Load every model; a state dict given without --arch takes the architecture recorded in a
+    tncompress checkpoint of the same report (the usual case: baseline next to its compressed model)."""
+    from tncompress.checkpoint import NeedsArchitecture, load_model
+
+    loaded: list[Any] = []
+    pending: list[int] = []
+    for i, path in enumerate(paths):
+        try:
+            loaded.append(load_input(path, arch, arch_args, imports, trust_pickle, input_shape))
+        except NeedsArchitecture:
+            loaded.append(None)
+            pending.append(i)
+    if pending:
+        donor = next((m for m in loaded if m is not None and m.kind == "tncompress" and m.spec is not None), None)
+        if donor is None:
+            raise NeedsArchitecture(f"{paths[pending[0]]} is a state dict: say which architecture it belongs to "
+                                    "with --arch (e.g. --arch torchvision:resnet18 --arch-arg num_classes=10)")
+        for i in pending:
+            err_console.print(f"[dim]{paths[i]}: a state dict; using the architecture recorded in {donor.path} "
+                              f"({donor.spec.arch} {donor.spec.kwargs})[/]", highlight=False)
+            loaded[i] = load_model(paths[i], donor.spec, imports=[str(p) for p in imports or []])
+    return loaded
