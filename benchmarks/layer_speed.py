@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from bench_common import machine_info, median_ms
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from tncompress.layers import TTLinear
 from tncompress.measure import LargestTensorMode, count_macs, count_params
@@ -27,6 +28,15 @@ def fwd(layer: nn.Module, x: torch.Tensor) -> Callable[[], object]:
         with torch.inference_mode():
             return layer(x)
     return f
+
+
+def plain_macs(layer: nn.Module, x: torch.Tensor) -> int:
+    """MACs of one inference forward computed from the parameters (no ``merge()`` snapshot), i.e.
+    the forward as it runs in training and in eval without a snapshot."""
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        layer(x)
+    return int(counter.get_total_flops() // 2)
 
 
 def largest_tensor_mb(layer: nn.Module, x: torch.Tensor) -> float:
@@ -94,12 +104,20 @@ def main() -> None:
                      "macs": count_macs(dense, x).total, "fwd_ms": base_f, "fwd_bwd_ms": base_fb,
                      "largest_tensor_mb": largest_tensor_mb(dense, x)})
         for rank in (1, 2, 4, 8):
-            tt = TTLinear(**FC6, ranks=rank).to(device)
+            tt = TTLinear(**FC6, ranks=rank).to(device).eval()
             f, fb = measure(fwd(tt, x)), measure(fwd_bwd(tt, xg), 2, 7)
             row = {"layer": "fc6 TTLinear", "rank": rank, "batch": batch, "params": count_params(tt),
-                   "macs": count_macs(tt, x).total, "fwd_ms": f, "fwd_bwd_ms": fb,
+                   "macs": plain_macs(tt, x), "fwd_ms": f, "fwd_bwd_ms": fb,
                    "largest_tensor_mb": largest_tensor_mb(tt, x),
                    "speedup_fwd": base_f / f, "speedup_fwd_bwd": base_fb / fb}
+            # Deployed inference: merge() precomputes the batch-independent core contractions once
+            # (an explicit snapshot; training and autograd never use it). Same layer, same run.
+            tt.merge()
+            mf = measure(fwd(tt, x))
+            merged_row = {"layer": "fc6 TTLinear merged", "rank": rank, "batch": batch, "params": count_params(tt),
+                          "macs": count_macs(tt, x).total, "fwd_ms": mf, "largest_tensor_mb": largest_tensor_mb(tt, x),
+                          "speedup_fwd": base_f / mf}
+            tt.unmerge()
             peer = peer_tt_linear(rank)
             if peer is not None:
                 peer = peer.to(device)
@@ -107,7 +125,8 @@ def main() -> None:
                 row["peer_fwd_ms"] = measure(fwd(peer, x))
                 row["peer_fwd_bwd_ms"] = measure(fwd_bwd(peer, xg), 2, 7)
                 row["peer_largest_tensor_mb"] = largest_tensor_mb(peer, x)
-            rows.append(row)
+                merged_row["peer_fwd_ms"] = row["peer_fwd_ms"]
+            rows.extend([row, merged_row])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"info": info, "linear": rows}, indent=2))
@@ -119,20 +138,30 @@ def main() -> None:
              "(blocktt, factorized) with the same modes and ranks (same parameter count, checked), same run.", "",
              "'largest tensor' is the biggest tensor one forward makes (MB; the dense fc6 W is 411 MB): the "
              "TT forward never forms W.", "",
+             "'TTLinear' rows compute every forward from the cores (training, and eval without a snapshot); "
+             "'TTLinear merged' rows are the same layer after `merge()` (what `report --latency` and "
+             "MAC counting use): the batch-independent core contractions are done once, so MACs are lower "
+             "and there is no backward (autograd always computes from the cores).", "",
              "| layer | rank | batch | params | MACs | fwd ms | GFLOP/s | floor ms | time / floor | largest tensor MB | "
              "fwd+bwd ms | fwd speed-up | fwd+bwd speed-up | peer fwd ms | fwd vs peer | peer fwd+bwd ms | "
              "fwd+bwd vs peer | peer largest tensor MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         floor = 2 * r["macs"] / (info["gemm_gflops"] * 1e9) * 1e3
-        peer = (f"{r['peer_fwd_ms']:.3f} | {r['peer_fwd_ms'] / r['fwd_ms']:.1f}× | {r['peer_fwd_bwd_ms']:.3f} | "
-                f"{r['peer_fwd_bwd_ms'] / r['fwd_bwd_ms']:.1f}× | {r['peer_largest_tensor_mb']:.1f}"
-                ) if "peer_fwd_ms" in r else "– | – | – | – | –"
+        if "peer_fwd_bwd_ms" in r:
+            peer = (f"{r['peer_fwd_ms']:.3f} | {r['peer_fwd_ms'] / r['fwd_ms']:.1f}× | {r['peer_fwd_bwd_ms']:.3f} | "
+                    f"{r['peer_fwd_bwd_ms'] / r['fwd_bwd_ms']:.1f}× | {r['peer_largest_tensor_mb']:.1f}")
+        elif "peer_fwd_ms" in r:
+            peer = f"{r['peer_fwd_ms']:.3f} | {r['peer_fwd_ms'] / r['fwd_ms']:.1f}× | – | – | –"
+        else:
+            peer = "– | – | – | – | –"
+        fb = f"{r['fwd_bwd_ms']:.3f}" if "fwd_bwd_ms" in r else "–"
+        fb_speedup = f"{r.get('speedup_fwd_bwd', 1.0):.1f}×" if "fwd_bwd_ms" in r else "–"
         gflops = 2 * r["macs"] / (r["fwd_ms"] * 1e-3) / 1e9
         lines.append(f"| {r['layer']} | {r['rank'] or '–'} | {r['batch']} | {r['params']:,} | {r['macs']:,} | "
                      f"{r['fwd_ms']:.3f} | {gflops:.0f} | {floor:.3f} | {r['fwd_ms'] / floor:.1f} | "
-                     f"{r['largest_tensor_mb']:.1f} | {r['fwd_bwd_ms']:.3f} | {r.get('speedup_fwd', 1.0):.1f}× | "
-                     f"{r.get('speedup_fwd_bwd', 1.0):.1f}× | {peer} |")
+                     f"{r['largest_tensor_mb']:.1f} | {fb} | {r.get('speedup_fwd', 1.0):.1f}× | "
+                     f"{fb_speedup} | {peer} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
