@@ -7,13 +7,14 @@ dicts, lists, strings, numbers and tensors (see :func:`save_compressed` for the 
 from __future__ import annotations
 
 import glob
-import hashlib
 import logging
 import os
 import pickle
+import sys
 import tempfile
+import types
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from torch import nn
 
 from tncompress._version import __version__
 from tncompress.errors import CheckpointError, ModelSpecError
-from tncompress.models import ModelSpec, build_model, import_file
+from tncompress.models import ModelSpec, build_model, file_sha256, import_file
 from tncompress.surgery import apply_structure, factorized_structure
 
 log = logging.getLogger(__name__)
@@ -62,15 +63,6 @@ def check_output_path(path: str | Path) -> Path:
     if not os.access(directory, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise CheckpointError(f"cannot write {path}: permission denied")
     return directory
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes (reports record which exact inputs they describe)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -165,7 +157,54 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module."
     return dict(state_dict)
 
 
-def _read(path: Path, trust_pickle: bool) -> Any:
+class _MainClassNotFound(Exception):
+    """Raised inside unpickling: a class pickled from a script (module ``__main__``) is nowhere to be found."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+_MISSING = object()
+
+
+def _lookup(module: Any, qualname: str) -> Any:
+    """``module.<qualname>`` (dotted for nested classes), or ``_MISSING``."""
+    obj = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, _MISSING)
+        if obj is _MISSING:
+            return _MISSING
+    return obj
+
+
+def _main_resolving_pickle(modules: Sequence[str]) -> types.SimpleNamespace:
+    """A ``pickle_module`` for ``torch.load`` (it needs ``__name__``, ``Unpickler`` and ``load``) whose
+    Unpickler finds classes that were pickled from a script or notebook, where they lived in
+    ``__main__``: such a class is looked up in ``__main__`` first, then in the modules imported with
+    --import, in the order given; if none defines it, :class:`_MainClassNotFound` is raised."""
+    search = [sys.modules[name] for name in modules if name in sys.modules]
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module_name: str, name: str) -> Any:
+            if module_name != "__main__":
+                return super().find_class(module_name, name)
+            for module in (sys.modules.get("__main__"), *search):
+                found = _lookup(module, name) if module is not None else _MISSING
+                if found is not _MISSING:
+                    return found
+            raise _MainClassNotFound(name)
+
+    def load(file: Any, **kwargs: Any) -> Any:
+        return Unpickler(file, **kwargs).load()
+
+    return types.SimpleNamespace(__name__="tncompress_pickle", Unpickler=Unpickler, load=load)
+
+
+def _read(path: Path, trust_pickle: bool, modules: Sequence[str] = ()) -> Any:
+    """The object a checkpoint file holds, read with ``weights_only=True``; a file that needs more is
+    unpickled only with ``trust_pickle`` (classes from ``__main__`` are resolved against ``modules``,
+    the names of the files imported with --import)."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
@@ -189,7 +228,11 @@ def _read(path: Path, trust_pickle: bool) -> Any:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, or truncated ({_first_line(exc)})") from exc
     log.warning("loading %s with weights_only=False because --trust-pickle was given", path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_main_resolving_pickle(modules))
+    except _MainClassNotFound as exc:
+        raise CheckpointError(
+            f"{path}: the pickled model's class {exc.name} was defined in the script that saved it (module __main__) "
+            f"and no imported file defines it; pass --import FILE that defines {exc.name}") from None
     except (AttributeError, ModuleNotFoundError) as exc:
         raise CheckpointError(
             f"{path}: the pickled model's class cannot be found ({_first_line(exc)}); "
@@ -258,12 +301,41 @@ def _as_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
+def _batch_counters(model: nn.Module, keys: Sequence[str]) -> list[str]:
+    """The keys among ``keys`` that are a normalisation layer's ``num_batches_tracked`` buffer."""
+    found = []
+    for key in keys:
+        owner, _, leaf = key.rpartition(".")
+        if leaf != "num_batches_tracked":
+            continue
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            found.append(key)
+    return found
+
+
 def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with a one-line error that names the mismatch."""
+    """``load_state_dict(strict=True)`` with a one-line error that names the mismatch.
+
+    BatchNorm ``num_batches_tracked`` buffers absent from the file (checkpoints saved by PyTorch
+    before 0.4.1, such as many published CIFAR models) keep the model's own value, as
+    ``nn.Module.load_state_dict`` does for old checkpoints; any other missing key is an error.
+    """
     state_dict = strip_prefix(state_dict)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
+    counters = _batch_counters(model, missing)
+    if counters:
+        for key in counters:
+            state_dict[key] = expected[key]
+        filled = set(counters)
+        missing = [k for k in missing if k not in filled]
+        log.info("%s: %d BatchNorm num_batches_tracked buffer(s) missing (saved by an older PyTorch); "
+                 "they keep the model's value, as load_state_dict does", source, len(counters))
     if missing or unexpected:
         parts = []
         if missing:
@@ -284,7 +356,38 @@ def is_compressed_checkpoint(obj: Any) -> bool:
     return isinstance(obj, Mapping) and obj.get("format") == FORMAT_NAME
 
 
-def _rebuild_compressed(obj: Mapping[str, Any], path: Path, base_model: nn.Module | None) -> LoadedModel:
+def _locate_imports(spec: ModelSpec, path: Path, explicit: Sequence[str]) -> ModelSpec:
+    """The recorded spec with each recorded --import file replaced by the file to import now.
+
+    A file the caller gave (``explicit``) wins over a recorded one with the same stem; otherwise the
+    recorded path is used if it exists, else the same file name beside the checkpoint, else in the
+    current folder. A file whose SHA-256 differs from the recorded one is loaded with a warning.
+    """
+    given = {Path(p).stem: Path(p) for p in explicit}
+    found: list[str] = []
+    hashes = [*spec.import_sha256, *[None] * (len(spec.imports) - len(spec.import_sha256))]
+    for recorded, digest in zip(spec.imports, hashes):
+        name = Path(recorded).name
+        candidates = [given[Path(recorded).stem]] if Path(recorded).stem in given else \
+            [Path(recorded), path.parent / name, Path.cwd() / name]
+        use = next((c for c in candidates if c.is_file()), None)
+        if use is None:
+            raise CheckpointError(f"{path}: it was made with --import {recorded}, which is not there; "
+                                  f"pass --import PATH to the file that defines {spec.arch}")
+        if use.resolve() != Path(recorded).resolve():
+            log.info("%s: importing %s in place of the recorded %s", path, use, recorded)
+        if digest and file_sha256(use) != digest:
+            log.warning("%s: %s differs from the file the checkpoint was made with (%s, sha256 %s…); loading anyway",
+                        path, use, recorded, digest[:12])
+        found.append(str(use))
+    return ModelSpec(spec.arch, dict(spec.kwargs), found, spec.input_shape)
+
+
+def _rebuild_compressed(obj: Mapping[str, Any], path: Path, base_model: nn.Module | None,
+                        explicit: Sequence[str] = ()) -> LoadedModel:
+    """Rebuild a tncompress checkpoint: its base model (from the recorded spec, importing the
+    recorded files located by :func:`_locate_imports`, unless ``base_model`` is given), the
+    factorized structure, then the weights."""
     version = obj.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {version!r} is newer than this tncompress "
@@ -297,6 +400,7 @@ def _rebuild_compressed(obj: Mapping[str, Any], path: Path, base_model: nn.Modul
         if spec is None:
             raise CheckpointError(f"{path}: made from a pickled model, so its architecture is not recorded; "
                                   "pass the base model (--arch, or tncompress.load(path, base_model=...))")
+        spec = _locate_imports(spec, path, explicit)
         try:
             base_model = build_model(spec)
         except ModelSpecError as exc:
@@ -311,18 +415,31 @@ def _rebuild_compressed(obj: Mapping[str, Any], path: Path, base_model: nn.Modul
     return LoadedModel(base_model.eval(), spec, "tncompress", str(path), layers, header)
 
 
+def _given_imports(imports: Sequence[str] | None, spec: ModelSpec | None) -> list[str]:
+    """The files the caller asked to import (``imports``, then the spec's), each once, in order."""
+    files: list[str] = []
+    for file in [*(imports or []), *(spec.imports if spec else [])]:
+        if all(Path(file).resolve() != Path(seen).resolve() for seen in files):
+            files.append(str(file))
+    return files
+
+
 def load_model(path: str | Path, spec: ModelSpec | None = None, *, trust_pickle: bool = False,
                imports: list[str] | None = None, base_model: nn.Module | None = None) -> LoadedModel:
     """Load any supported input: a tncompress checkpoint (rebuilt from its recorded spec), a state
-    dict (needs ``spec``), or — only with ``trust_pickle`` — a whole pickled module."""
+    dict (needs ``spec``), or — only with ``trust_pickle`` — a whole pickled module.
+
+    ``imports`` (and ``spec.imports``) are imported first; they take precedence over a checkpoint's
+    recorded files of the same stem, and a whole pickle's classes from ``__main__`` are looked up in them.
+    """
     path = Path(path)
-    for file in imports or []:
-        import_file(file)
-    obj = _read(path, trust_pickle)
+    explicit = _given_imports(imports, spec)
+    modules = [import_file(file) for file in explicit]
+    obj = _read(path, trust_pickle, modules)
     if is_compressed_checkpoint(obj):
         if spec is not None and base_model is None and not obj.get("base", {}).get("arch"):
             base_model = build_model(spec)
-        return _finite(_rebuild_compressed(obj, path, base_model))
+        return _finite(_rebuild_compressed(obj, path, base_model, explicit))
     if isinstance(obj, nn.Module):
         return _finite(LoadedModel(obj.eval(), spec, "pickle", str(path)))
     state_dict = _as_state_dict(obj)
@@ -352,15 +469,18 @@ def load(path: str | Path, *, base_model: nn.Module | None = None, imports: list
     """Load a tncompress compressed checkpoint as a ready ``nn.Module`` (eval mode).
 
     Reads with ``weights_only=True``; rebuilds the base model from the recorded spec (or uses
-    ``base_model``), re-applies the factorized structure and loads the state dict strictly.
+    ``base_model``), re-applies the factorized structure and loads the state dict strictly. The
+    recorded --import files are found where they were, else beside ``path``, else in the current
+    folder; a file in ``imports`` replaces the recorded one with the same stem.
     """
     path = Path(path)
-    for file in imports or []:
+    explicit = _given_imports(imports, None)
+    for file in explicit:
         import_file(file)
     obj = _read(path, trust_pickle=False)
     if not is_compressed_checkpoint(obj):
         raise CheckpointError(f"{path} is not a tncompress checkpoint; use load_model(path, spec) for state dicts")
-    return _rebuild_compressed(obj, path, base_model).model
+    return _rebuild_compressed(obj, path, base_model, explicit).model
 
 
 def save_compressed(path: str | Path, model: nn.Module, *, spec: ModelSpec | None,

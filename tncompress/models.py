@@ -9,10 +9,12 @@ A spec is one of
   makes a file importable first);
 * a built-in reference net: ``mlp-1024`` (the 1024-1024-10 MNIST MLP of the TT paper) or ``lenet5``.
 
-The spec (a plain dict) is stored in compressed checkpoints so the base model can be rebuilt.
+The spec (a plain dict) is stored in compressed checkpoints so the base model can be rebuilt; its
+``imports`` are recorded as absolute paths with their SHA-256 (see :class:`ModelSpec`).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import logging
@@ -82,22 +84,43 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 
 @dataclass
 class ModelSpec:
-    """How to rebuild a base model: architecture, keyword arguments, files to import, input shape."""
+    """How to rebuild a base model: architecture, keyword arguments, files to import, input shape.
+
+    ``imports`` holds the files to import before building. A spec made fresh (``import_sha256`` not
+    given) normalises them so that it can be recorded and rebuilt from anywhere: each path that names
+    an existing file becomes absolute (symlinks resolved) and its SHA-256 goes into
+    ``import_sha256`` (parallel to ``imports``; ``None`` for a path not found). A spec read back from a
+    checkpoint (:meth:`from_dict`) keeps the recorded paths and hashes as they are.
+    """
 
     arch: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     imports: list[str] = field(default_factory=list)
     input_shape: list[int] | None = None
+    import_sha256: list[str | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.imports = [str(p) for p in self.imports]
+        if len(self.import_sha256) != len(self.imports):  # a fresh spec: describe the files on disk now
+            self.imports, self.import_sha256 = normalise_imports(self.imports)
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as plain data for a checkpoint: ``imports`` stays a list of path strings (what
+        older tncompress versions read) and ``import_sha256`` is the parallel list of file hashes."""
         return {"arch": self.arch, "kwargs": dict(self.kwargs), "imports": list(self.imports),
+                "import_sha256": list(self.import_sha256),
                 "input_shape": list(self.input_shape) if self.input_shape else None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        return cls(arch=data["arch"], kwargs=dict(data.get("kwargs") or {}),
-                   imports=list(data.get("imports") or []),
-                   input_shape=list(data["input_shape"]) if data.get("input_shape") else None)
+        """Read a recorded spec; one from an older checkpoint (no ``import_sha256``) gets ``None`` hashes."""
+        imports = [str(p) for p in data.get("imports") or []]
+        recorded = list(data.get("import_sha256") or [])
+        hashes: list[str | None] = [str(h) if h else None for h in recorded[:len(imports)]]
+        hashes += [None] * (len(imports) - len(hashes))
+        return cls(arch=data["arch"], kwargs=dict(data.get("kwargs") or {}), imports=imports,
+                   input_shape=list(data["input_shape"]) if data.get("input_shape") else None,
+                   import_sha256=hashes)
 
     def default_input_shape(self) -> list[int]:
         """The input shape to use when the user gives none (batch of one)."""
@@ -111,6 +134,31 @@ class ModelSpec:
         if self.kwargs.get("cifar_stem"):
             return [1, 3, 32, 32]
         return [1, 3, 224, 224]
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (reports and specs record which exact inputs they describe)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def normalise_imports(paths: Sequence[str | Path]) -> tuple[list[str], list[str | None]]:
+    """Absolute paths and SHA-256 hashes of the files to import; a path that names no file is kept as
+    given (hash ``None``) so that :func:`import_file` can report it."""
+    resolved: list[str] = []
+    hashes: list[str | None] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            resolved.append(str(path.resolve()))
+            hashes.append(file_sha256(path))
+        else:
+            resolved.append(str(raw))
+            hashes.append(None)
+    return resolved, hashes
 
 
 def import_file(path: str | Path) -> str:
