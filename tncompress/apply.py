@@ -6,6 +6,7 @@ data types and the method registry, nothing after it.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tncompress import data_aware
 from tncompress.errors import GateError
 from tncompress.layers import FactorizedLayer
 from tncompress.methods import method_for_layer
@@ -87,7 +89,8 @@ def _take(entry: LayerPlan, alt: Fallback) -> nn.Module:
 
 
 def _factorize_checked(module: nn.Module, entry: LayerPlan, method: Method, settings: Any, x: torch.Tensor | None,
-                       bound: float | None) -> tuple[nn.Module, Errors, str]:
+                       bound: float | None, factorize: Callable[[], nn.Module] | None = None
+                       ) -> tuple[nn.Module, Errors, str]:
     """The factorized layer and its errors, after the method's fallbacks; ``module`` itself (with a
     reason) when no usable factorization was found.
 
@@ -95,7 +98,7 @@ def _factorize_checked(module: nn.Module, entry: LayerPlan, method: Method, sett
     and non-finite factors or errors take the method's fallback, else leave the layer dense; a layer
     whose output error exceeds its bound tries the fallback and keeps the better of the two.
     """
-    new = method.factorize(module, entry.config, settings)
+    new = factorize() if factorize is not None else method.factorize(module, entry.config, settings)
     label = method.name.upper()
     kept = f"{entry.method} failed and has no fallback; left dense"
     fell_back = False
@@ -129,16 +132,59 @@ def _factorize_checked(module: nn.Module, entry: LayerPlan, method: Method, sett
     return new, errors, kept
 
 
+ERROR_SAMPLES = 256
+"""Calibration samples on which each layer's output error is measured (the model's error uses all)."""
+
+
+def _data_aware(model: nn.Module, dense_model: nn.Module, module: nn.Module, entry: LayerPlan, method: Method,
+                settings: Any, calibration_input: torch.Tensor, x: torch.Tensor | None,
+                bound: float | None) -> tuple[nn.Module, Errors, str]:
+    """Factorize with calibration data: decompose the input-whitened weight and map the first factor
+    back, then refit the last linear map to the dense layer's output (see :mod:`tncompress.data_aware`).
+    Layers without such ends (TT, product-of-sums) are decomposed from the weights, with a note."""
+    conv = isinstance(module, nn.Conv2d)
+    if not data_aware.supports(method.layer_class(module)):
+        entry.notes.append(f"data_aware: {entry.method} layers have no linear input map to whiten or output map "
+                           "to refit; decomposed from the weights alone")
+        return _factorize_checked(module, entry, method, settings, x, bound)
+    whitening = data_aware.input_whitening(model, entry.name, calibration_input, conv)
+    whitened = data_aware.whitened_copy(module, whitening)
+
+    def factorize() -> nn.Module:
+        layer = method.factorize(whitened, entry.config, settings)
+        assert isinstance(layer, FactorizedLayer)
+        data_aware.unwhiten(layer, whitening)
+        return layer
+
+    new, errors, kept = _factorize_checked(module, entry, method, settings, x, bound, factorize=factorize)
+    if new is module or not isinstance(new, FactorizedLayer) or new.output_projection() is None:
+        return new, errors, kept
+    before = copy.deepcopy(new.state_dict())
+    fitted = data_aware.refit_output(new, model, dense_model, entry.name, calibration_input, conv)
+    refit_errors = _errors(module, new, x)
+    if not _healthy(new, refit_errors):
+        new.load_state_dict(before)
+        entry.notes.append("data_aware: the output refit was not finite; kept the whitened factors")
+        refit_errors = errors
+    what = "pixels" if conv else "rows"
+    entry.notes.append(f"data_aware: inputs whitened on {whitening.samples:,} {what} (ridge {whitening.ridge:.2g}), "
+                       f"last linear map refit to the dense output on {fitted:,} {what}")
+    return new, refit_errors, kept
+
+
 def apply_plan(model: nn.Module, plan: Sequence[LayerPlan], calibration_input: torch.Tensor,
                progress: ProgressCallback | None = None, *, max_output_error: float | None = None
                ) -> Sequence[LayerPlan]:
     """Decompose ``model`` in place following ``plan`` (updated with errors, timings, fallbacks).
 
-    Bounds are enforced by :func:`check_error_bounds`, not here: a layer above its bound after the
-    fallbacks is written with a note.
+    Layers run in the plan's order (the model's module order, i.e. forward order for sequential
+    nets), so a data-aware layer sees the inputs the layers decomposed before it produce. Bounds are
+    enforced by :func:`check_error_bounds`, not here: a layer above its bound after the fallbacks is
+    written with a note.
     """
     todo = [p for p in plan if p.action == "decompose"]
-    inputs = capture_inputs(model, calibration_input, [p.name for p in todo])
+    inputs = capture_inputs(model, calibration_input[:ERROR_SAMPLES], [p.name for p in todo])
+    dense_model = copy.deepcopy(model) if any(p.settings.get("data_aware") for p in todo) else None
     for index, entry in enumerate(todo):
         if progress:
             progress("start", entry, index, len(todo))
@@ -147,7 +193,11 @@ def apply_plan(model: nn.Module, plan: Sequence[LayerPlan], calibration_input: t
         method = method_for_layer(entry.method)
         settings = method.parse(entry.settings, entry.name)
         bound = layer_bound(entry, max_output_error)
-        new, errors, kept = _factorize_checked(module, entry, method, settings, inputs.get(entry.name), bound)
+        if dense_model is not None and entry.settings.get("data_aware"):
+            new, errors, kept = _data_aware(model, dense_model, module, entry, method, settings, calibration_input,
+                                            inputs.get(entry.name), bound)
+        else:
+            new, errors, kept = _factorize_checked(module, entry, method, settings, inputs.get(entry.name), bound)
         entry.seconds = round(time.perf_counter() - started, 3)
         if new is module:
             entry.action, entry.method, entry.config, entry.ranks = "keep", "none", {}, None

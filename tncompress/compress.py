@@ -24,6 +24,7 @@ from tncompress.apply import (
     reference_output,
 )
 from tncompress.budget import apply_budget
+from tncompress.data_aware import reestimate_batchnorm
 from tncompress.planner import LayerPlan, Plan, calibration_batch, calibration_settings, plan_layers
 from tncompress.recipe import Recipe
 
@@ -75,18 +76,22 @@ def make_plan(model: nn.Module, recipe: Recipe, input_shape: Sequence[int],
 
 def decompose(model: nn.Module, recipe: Recipe, *, input_shape: Sequence[int],
               calibration_input: torch.Tensor | None = None, inplace: bool = False,
-              progress: ProgressCallback | None = None, allow_error: bool = False) -> DecomposeResult:
+              progress: ProgressCallback | None = None, allow_error: bool = False,
+              calibration_source: str | None = None) -> DecomposeResult:
     """Plan and apply ``recipe`` to ``model``; returns the compressed model and the annotated plan.
 
     ``input_shape`` is one sample's shape with a leading batch dimension (e.g. ``[1, 3, 32, 32]``);
-    the calibration batch defaults to reproducible Gaussian noise of that shape. The recipe's error
-    bounds are enforced (:class:`GateError`) unless ``allow_error``.
+    the calibration batch defaults to reproducible Gaussian noise of that shape; a given batch
+    (real images, preprocessed as the model expects) is described by ``calibration_source``. With
+    real images, BatchNorm statistics are re-estimated on them after decomposition unless the
+    recipe says ``calibration: {reestimate_bn: false}``. The recipe's error bounds are enforced
+    (:class:`GateError`) unless ``allow_error``.
     """
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
     calib = calibration_settings(recipe)
-    kind = "gaussian noise" if calibration_input is None else "given batch"
+    kind = "gaussian noise" if calibration_input is None else (calibration_source or "given batch")
     if calibration_input is None:
         param = next(model.parameters(), None)
         calibration_input = calibration_batch(input_shape, calib["batch_size"], calib["seed"],
@@ -95,8 +100,16 @@ def decompose(model: nn.Module, recipe: Recipe, *, input_shape: Sequence[int],
     plan = make_plan(model, recipe, input_shape, calibration_input)  # a budget measures sensitivities on it
     reference = reference_output(model, calibration_input)
     apply_plan(model, plan, calibration_input, progress, max_output_error=calib.get("max_output_error"))
+    real = kind != "gaussian noise"
+    reestimated = 0
+    if calib.get("reestimate_bn", real) and any(p.action == "decompose" for p in plan):
+        reestimated = reestimate_batchnorm(model, calibration_input)
+        if reestimated:
+            log.info("re-estimated %d BatchNorm layers on the calibration batch (%s)", reestimated, kind)
     model_error = model_output_error(model, calibration_input, reference)
     problems = check_error_bounds(plan, calib, model_error, allow_error=allow_error, source=recipe.source)
     return DecomposeResult(model, plan, {**calib, "input_shape": list(input_shape), "kind": kind,
+                                         "samples": int(calibration_input.shape[0]),
+                                         "bn_reestimated": reestimated,
                                          "model_output_error": model_error, "bound_violations": problems},
                            budget=plan.budget)

@@ -27,10 +27,11 @@ RECIPE_VERSION = 1
 TYPES = ("Linear", "Conv2d")
 SELECTORS = ("name", "pattern", "regex", "type")
 # settings every method accepts: a bound on the layer's relative output error on the calibration batch
-COMMON_SETTING_KEYS = frozenset({"max_output_error"})
+COMMON_SETTING_KEYS = frozenset({"max_output_error", "data_aware"})
+BOOLEAN_KEYS = frozenset({"data_aware"})
 TOP_KEYS = frozenset({"version", "defaults", "layers", "exclude", "calibration", "budget"})
 BUDGET_KEYS = frozenset({"params_ratio", "macs_ratio", "sensitivity", "candidates", "cp_iterations"})
-CALIBRATION_KEYS = frozenset({"batch_size", "seed", "max_output_error", "max_model_error"})
+CALIBRATION_KEYS = frozenset({"batch_size", "seed", "max_output_error", "max_model_error", "reestimate_bn"})
 ERROR_BOUND_KEYS = frozenset({"max_output_error", "max_model_error"})
 TIER_RANK = {"defaults": 0, "type": 1, "pattern": 2, "regex": 2, "name": 3}
 
@@ -149,10 +150,12 @@ def _check_settings(source: str, key: str, settings: Any, allowed_extra: Sequenc
                               f"{f' (did you mean {hint[0]!r}?)' if hint else ''}")
         if k in ERROR_BOUND_KEYS:
             _check_bound(source, f"{key}.{k}", v)
+        if k in BOOLEAN_KEYS and not isinstance(v, bool):
+            raise RecipeError(f"{_where(source, f'{key}.{k}')}: expected true or false, got {v!r}")
         out[k] = _check_method(source, f"{key}.method", v) if k == "method" else v
     method = out.get("method")
     for k, v in out.items():
-        if k != "method" and k not in ERROR_BOUND_KEYS:
+        if k != "method" and k not in ERROR_BOUND_KEYS and k not in BOOLEAN_KEYS:
             _check_value(source, key, method, k, v)
     return out
 
@@ -237,6 +240,9 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
                               f"allowed: {', '.join(sorted(CALIBRATION_KEYS))}")
         if k in ERROR_BOUND_KEYS:
             _check_bound(source, f"calibration.{k}", v)
+        elif k == "reestimate_bn":
+            if not isinstance(v, bool):
+                raise RecipeError(f"{_where(source, 'calibration.reestimate_bn')}: expected true or false, got {v!r}")
         elif not isinstance(v, int) or isinstance(v, bool) or v < (1 if k == "batch_size" else 0):
             kind = "positive" if k == "batch_size" else "non-negative"
             raise RecipeError(f"{_where(source, f'calibration.{k}')}: expected a {kind} integer, got {v!r}")

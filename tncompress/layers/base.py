@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 @dataclass
@@ -112,6 +112,23 @@ class FactorizedLayer(nn.Module):
             if p is not ref or p.data_ptr() != ptr or _version(p) != version:
                 return None
         return snap.ops
+
+    # ------------------------------------------------------------------ data-aware fitting
+    # A layer whose forward starts with a linear map of the input features (channels) and ends with
+    # one (plus the bias) exposes them, so calibration data can whiten the first and refit the last
+    # (tncompress.data_aware); layers without such ends return None.
+
+    def input_projection(self) -> Tensor | None:
+        """The weight applied first to the input features, viewed as (rank, in_features), or None."""
+        return None
+
+    def output_projection(self) -> tuple[Tensor, Tensor | None] | None:
+        """(weight viewed as (out_features, rank), bias or None) of the last linear map, or None."""
+        return None
+
+    def output_features(self, x: Tensor) -> Tensor:
+        """What the last linear map receives for input ``x`` (features on dim 1 for convs, last dim else)."""
+        raise NotImplementedError(f"{type(self).__name__} has no output projection")
 
     def train(self, mode: bool = True) -> FactorizedLayer:
         if mode:

@@ -157,6 +157,20 @@ class FactorizedConv2d(FactorizedLayer):
                 bound = 1.0 / math.sqrt(fan_in)
                 nn.init.uniform_(self.pointwise_out.bias, -bound, bound)
 
+    def input_projection(self) -> Tensor | None:
+        first = self.conv_chain()[0]
+        if first.kernel_size != (1, 1) or first.groups != 1:
+            return None
+        return first.weight[:, :, 0, 0]
+
+    def output_projection(self) -> tuple[Tensor, Tensor | None] | None:
+        return self.pointwise_out.weight[:, :, 0, 0], self.pointwise_out.bias
+
+    def output_features(self, x: Tensor) -> Tensor:
+        for conv in self.conv_chain()[:-1]:
+            x = conv(x)
+        return x
+
     def geometry_config(self) -> dict[str, Any]:
         """JSON-safe constructor arguments shared by every factorized conv."""
         return {

@@ -93,6 +93,15 @@ class LowRankLinear(FactorizedLayer):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(F.linear(x, self.first), self.second, self.bias)
 
+    def input_projection(self) -> Tensor | None:
+        return self.first
+
+    def output_projection(self) -> tuple[Tensor, Tensor | None] | None:
+        return self.second, self.bias
+
+    def output_features(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.first)
+
     def config(self) -> dict[str, Any]:
         """Constructor kwargs that rebuild this structure (JSON-safe)."""
         return {"in_features": self.in_features, "out_features": self.out_features,

@@ -1,0 +1,233 @@
+"""Data-aware factors: what calibration images change in a decomposition.
+
+Three steps, each a plain function of tensors and modules (the apply step calls them):
+
+* **input whitening** — the second moment ``C = E[x xᵀ]`` of a layer's input features (channels of
+  a conv, features of a Linear), accumulated in float64 over the calibration batch in chunks
+  (never all activations at once), with a ridge when it is singular. With ``C = L Lᵀ`` the layer's
+  output error on those inputs is the Frobenius error of ``W L`` (for a conv, per pixel under the
+  channel model), so the method decomposes the *whitened* weight and the first factor is mapped
+  back through ``L⁻¹`` (as SVD-LLM's truncation-aware whitening, here for any method whose layer
+  starts with a linear map of the inputs);
+* **output refit** — the last linear map and bias re-solved by ridge least squares so the layer's
+  output on the *compressed* model's own inputs matches the *dense* layer's output on the dense
+  model's inputs (the asymmetric reconstruction of Zhang et al. 2015), which also absorbs the
+  drift left by the layers decomposed before it;
+* **BatchNorm re-estimation** — running statistics recomputed on the calibration images after
+  decomposition (cumulative averages, other modules in eval mode).
+
+Pipeline position: used by the apply step; imports only the layers.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tncompress.layers import FactorizedLayer
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64
+"""Calibration samples per forward pass while statistics are accumulated."""
+RIDGE = 1e-6
+"""Ridge added to a second moment, relative to its mean eigenvalue."""
+
+
+class _Stop(Exception):
+    """Raised by a hook once the layer of interest has been seen: the rest of the forward is skipped."""
+
+
+def chunks(batch: Tensor, size: int = CHUNK) -> Iterator[Tensor]:
+    for start in range(0, batch.shape[0], size):
+        yield batch[start:start + size]
+
+
+def layer_io(model: nn.Module, name: str, batch: Tensor, *, want: str) -> Tensor:
+    """The input (``want="input"``) or output of submodule ``name`` when ``model`` runs on ``batch``;
+    the forward stops right after that layer."""
+    module = model.get_submodule(name)
+    seen: list[Tensor] = []
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        if want == "input":
+            seen.append(args[0].detach())
+            raise _Stop
+
+    def post(mod: nn.Module, args: tuple, out: Tensor) -> None:
+        seen.append(out.detach())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(pre) if want == "input" else module.register_forward_hook(post)
+    try:
+        with torch.no_grad():
+            model(batch)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError(f"layer {name} was not reached by the model's forward")
+    return seen[0]
+
+
+def supports(cls: type[FactorizedLayer]) -> bool:
+    """Whether layers of ``cls`` expose a linear input map to whiten (and an output map to refit)."""
+    return cls.input_projection is not FactorizedLayer.input_projection
+
+
+def _features(x: Tensor, conv: bool) -> Tensor:
+    """Rows = samples (pixels for a conv), columns = features, in float64."""
+    if conv:
+        return x.double().transpose(0, 1).reshape(x.shape[1], -1).T
+    return x.double().reshape(-1, x.shape[-1])
+
+
+@dataclass
+class Whitening:
+    """``C + ridge = L Lᵀ`` of a layer's input features, and what it was measured on."""
+
+    factor: Tensor        # L, lower triangular, float64
+    samples: int
+    ridge: float
+
+
+def input_whitening(model: nn.Module, name: str, batch: Tensor, conv: bool) -> Whitening:
+    """The whitening of the input features that ``model``'s layer ``name`` sees on ``batch``."""
+    second: Tensor | None = None
+    count = 0
+    for part in chunks(batch):
+        f = _features(layer_io(model, name, part, want="input"), conv)
+        second = f.T @ f if second is None else second + f.T @ f
+        count += f.shape[0]
+    assert second is not None
+    second /= max(count, 1)
+    n = second.shape[0]
+    scale = float(torch.trace(second)) / n if n else 1.0
+    ridge = RIDGE * (scale if scale > 0 else 1.0)
+    eye = torch.eye(n, dtype=second.dtype, device=second.device)
+    for _ in range(8):
+        factor, info = torch.linalg.cholesky_ex(second + ridge * eye)
+        if int(info) == 0:
+            return Whitening(factor, count, ridge)
+        ridge *= 100.0
+    return Whitening(torch.linalg.cholesky(second + ridge * eye), count, ridge)
+
+
+def whitened_copy(module: nn.Module, whitening: Whitening) -> nn.Module:
+    """A copy of the dense ``module`` whose weight acts on whitened inputs: ``W L`` (Linear) or the
+    kernel multiplied by ``L`` along its input channels (conv)."""
+    copy_ = copy.deepcopy(module)
+    weight = copy_.weight
+    assert isinstance(weight, Tensor)
+    L = whitening.factor.to(weight.device)
+    with torch.no_grad():
+        w = weight.double()
+        if w.dim() == 4:
+            w = torch.einsum("oikl,ij->ojkl", w, L)
+        else:
+            w = w @ L
+        weight.copy_(w.to(weight.dtype))
+    return copy_
+
+
+def unwhiten(layer: FactorizedLayer, whitening: Whitening) -> None:
+    """Map the first factor of a layer decomposed from a :func:`whitened_copy` back: ``P → P L⁻¹``."""
+    first = layer.input_projection()
+    assert first is not None
+    L = whitening.factor.to(first.device)
+    with torch.no_grad():
+        back = torch.linalg.solve_triangular(L.T, first.double().T, upper=True).T  # P L⁻¹
+        first.copy_(back.to(first.dtype))
+
+
+def refit_output(layer: FactorizedLayer, model: nn.Module, dense_model: nn.Module, name: str, batch: Tensor,
+                 conv: bool) -> int:
+    """Re-solve ``layer``'s last linear map and bias (ridge least squares, float64) so that, on the
+    inputs ``model`` gives layer ``name``, its output matches the dense model's layer output on the
+    dense model's inputs. Returns the number of samples (pixels for a conv) fitted."""
+    projection = layer.output_projection()
+    assert projection is not None
+    weight, bias = projection
+    rank = weight.shape[1]
+    gram: Tensor | None = None
+    cross: Tensor | None = None
+    count = 0
+    for part in chunks(batch):
+        x = layer_io(model, name, part, want="input")
+        target = _features(layer_io(dense_model, name, part, want="output"), conv)
+        with torch.no_grad():
+            z = _features(layer.output_features(x), conv)
+        if bias is not None:
+            z = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)], dim=1)
+        if target.shape[0] != z.shape[0]:
+            raise RuntimeError(f"layer {name}: the factorized layer's output has another shape than the dense one")
+        gram = z.T @ z if gram is None else gram + z.T @ z
+        cross = z.T @ target if cross is None else cross + z.T @ target
+        count += z.shape[0]
+    assert gram is not None and cross is not None
+    n = gram.shape[0]
+    ridge = RIDGE * max(float(torch.trace(gram)) / n, 1e-30)
+    solution = torch.linalg.solve(gram + ridge * torch.eye(n, dtype=gram.dtype, device=gram.device), cross)
+    with torch.no_grad():
+        weight.copy_(solution[:rank].T.to(weight.dtype))
+        if bias is not None:
+            bias.copy_(solution[rank].to(bias.dtype))
+    return count
+
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def reestimate_batchnorm(model: nn.Module, batch: Tensor) -> int:
+    """Recompute every BatchNorm's running mean and variance on ``batch``: the forward runs chunk by
+    chunk with the norms in training mode (normalising by the chunk's statistics, as in training;
+    every other module stays in eval mode) while each norm's input is pooled over all samples, so
+    the stored statistics are exact whatever the chunk sizes. Returns how many layers were updated."""
+    norms = [m for m in model.modules() if isinstance(m, _NORMS) and m.track_running_stats]
+    if not norms:
+        return 0
+    modes = {m: m.training for m in model.modules()}
+    sums: dict[nn.Module, list[Tensor | int]] = {}
+
+    def pool(mod: nn.Module, args: tuple) -> None:
+        x = args[0].detach().double()
+        dims = [d for d in range(x.dim()) if d != 1]
+        acc = sums.setdefault(mod, [torch.zeros(x.shape[1], dtype=torch.float64, device=x.device),
+                                    torch.zeros(x.shape[1], dtype=torch.float64, device=x.device), 0])
+        acc[0] = acc[0] + x.sum(dim=dims)
+        acc[1] = acc[1] + (x * x).sum(dim=dims)
+        acc[2] = int(acc[2]) + x.numel() // x.shape[1]
+
+    handles = [m.register_forward_pre_hook(pool) for m in norms]
+    try:
+        model.eval()
+        for m in norms:
+            m.train()
+        with torch.no_grad():
+            for part in chunks(batch):
+                if part.shape[0] > 1:
+                    model(part)
+    finally:
+        for h in handles:
+            h.remove()
+        for module, mode in modes.items():
+            module.training = mode
+    updated = 0
+    for m in norms:
+        if m not in sums:
+            continue
+        total, squares, count = sums[m]
+        assert isinstance(total, Tensor) and isinstance(squares, Tensor) and isinstance(count, int)
+        mean = total / count
+        var = (squares / count - mean * mean).clamp_min(0.0) * (count / max(count - 1, 1))
+        assert m.running_mean is not None and m.running_var is not None
+        with torch.no_grad():
+            m.running_mean.copy_(mean.to(m.running_mean.dtype))
+            m.running_var.copy_(var.to(m.running_var.dtype))
+        updated += 1
+    return updated
