@@ -1,4 +1,5 @@
-"""Datasets by name: MNIST, Fashion-MNIST, CIFAR-10, Tiny-ImageNet and a synthetic stand-in.
+"""Datasets by name: MNIST, Fashion-MNIST, CIFAR-10, Tiny-ImageNet, a synthetic stand-in, and a
+user's own image folder (``folder:PATH``).
 
 One job: turn a dataset name and a split into a ``torch.utils.data.Dataset`` of
 ``(normalised float C×H×W tensor, int label)`` pairs, read from the on-disk layout users already
@@ -15,7 +16,24 @@ where and how to fix it.
 Transforms run on whole batches (``__getitems__``, which ``DataLoader`` calls with a batch of
 indices), in this order: augmentation at the native size, bilinear resize (antialiased) to
 ``image_size``, channel conversion (1→3 replicates, 3→1 takes ITU-R 601 luma as PIL's "L" does),
-normalisation with the dataset's mean and std (converted alongside the channels).
+normalisation with the dataset's mean and std (converted alongside the channels), or with the
+``mean``/``std`` given to :func:`load_dataset` (per output channel, used as they are).
+
+``folder:PATH`` names a user's image folder in torchvision's ``ImageFolder`` layout:
+``PATH/train/<class>/…`` and ``PATH/test/<class>/…`` (``PATH/val/`` serves as the test split when
+there is no ``test/``). ``PATH`` is taken as written (case-sensitive, ``~`` expanded, relative to the
+current folder, not to the data root). Files Pillow reads (``.jpg .jpeg .png .bmp .gif .webp .tif
+.tiff .ppm .pgm``, any case) count, also in sub-folders of a class folder; other files and hidden
+ones are ignored. Classes are the class-folder names in sorted order (of ``train/`` when it exists),
+labels their indices. Images are decoded to RGB uint8 with Pillow, resized (bilinear) to
+``image_size``×``image_size`` when it is given (stretched, not cropped), else all must share the size
+of the first training image, which must be square. Samples come in a fixed class-mixed order (files
+sorted by a hash of their class and name with :data:`FOLDER_ORDER_SEED`), so ``limit`` keeps a
+subset of every class, the same one on every run, and adding files does not reshuffle the others.
+Decoded images are held in memory as one uint8 tensor when they fit ``$TNCOMPRESS_CACHE_MB``
+(default 4096; estimated as N·3·H·W bytes before decoding), decoded by a thread pool and kept for
+later loads in the same process; larger sets are decoded batch by batch. A folder has no known
+statistics, so it is not normalised unless ``mean``/``std`` are given (values stay in [0, 1]).
 """
 from __future__ import annotations
 
@@ -31,8 +49,12 @@ import pickle
 import re
 import socket
 import struct
+import threading
+import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +78,15 @@ DOWNLOAD_TIMEOUT_S = 30.0
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 SYNTHETIC_SEED = 0
 """Seed of the ``synthetic`` dataset that :func:`load_dataset` returns."""
+
+ENV_CACHE_MB = "TNCOMPRESS_CACHE_MB"
+"""Environment variable: megabytes of decoded ``folder:`` images held in memory (default
+:data:`DEFAULT_CACHE_MB`); larger folders are decoded batch by batch, 0 always does that."""
+DEFAULT_CACHE_MB = 4096
+FOLDER_PREFIX = "folder:"
+"""Dataset names starting with this (any case) name a user's image folder: ``folder:PATH``."""
+FOLDER_ORDER_SEED = 0
+"""Seed of the fixed class-mixed order of a ``folder:`` dataset's samples (what ``limit`` cuts)."""
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, the weights of PIL's convert("L")
 
@@ -137,14 +168,39 @@ _ALIASES = {
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    """The registry entry for ``name`` (case and ``_``/``-`` insensitive), or a one-line error."""
+    """The registry entry for ``name`` (case and ``_``/``-`` insensitive), or a one-line error.
+
+    ``folder:PATH`` is answered by scanning the folder (cached until its folders change): classes,
+    file counts and the size of the first training image (0 when there is none or it is not square).
+    """
+    path = folder_path(name)
+    if path is not None:
+        return _scan_folder(path).info
     key = str(name).strip().lower().replace("_", "-")
     key = _ALIASES.get(key, key)
     if key in DATASETS:
         return DATASETS[key]
     close = difflib.get_close_matches(key, [*DATASETS, *_ALIASES], n=1, cutoff=0.5)
     hint = f"did you mean {_ALIASES.get(close[0], close[0])!r}? " if close else ""
-    raise DatasetError(f"unknown dataset {name!r}; {hint}known datasets: {', '.join(DATASETS)}")
+    raise DatasetError(f"unknown dataset {name!r}; {hint}known datasets: {', '.join(DATASETS)}, "
+                       "or folder:PATH for a folder of images")
+
+
+def folder_path(name: str) -> str | None:
+    """The PATH of a ``folder:PATH`` name (prefix in any case, PATH as written), else None."""
+    text = str(name).strip()
+    if not text.lower().startswith(FOLDER_PREFIX):
+        return None
+    path = text[len(FOLDER_PREFIX):].strip()
+    if not path:
+        raise DatasetError(f"{text!r} names no folder; write folder:PATH, PATH holding train/<class>/<images> "
+                           "and test/<class>/<images> (or val/<class>/<images>)")
+    return path
+
+
+def is_folder_dataset(name: str) -> bool:
+    """Whether ``name`` is a ``folder:PATH`` name (a user's image folder rather than a named dataset)."""
+    return str(name).strip().lower().startswith(FOLDER_PREFIX)
 
 
 def data_root(data_dir: str | Path | None = None) -> Path:
@@ -198,12 +254,15 @@ class ImageDataset(Dataset):
     """(normalised float C×H×W, int label) pairs; subclasses supply raw uint8 images.
 
     ``raw(i)`` gives the stored image (uint8, native size and channels) and its label, untouched;
-    ``targets`` holds all labels; ``mean``/``std`` are the constants used (after channel conversion).
+    ``targets`` holds all labels; ``mean``/``std`` are the constants used (after channel conversion)
+    and ``normalization`` says where they came from. ``mean``/``std`` arguments replace the
+    dataset's statistics: one value per output channel (``channels``), or one value for all.
     """
 
     def __init__(self, info: DatasetInfo, split: str, targets: torch.Tensor, *, location: Path | None,
                  image_size: int | None, channels: int | None, augment: bool,
-                 classes: Sequence[str], available: int) -> None:
+                 classes: Sequence[str], available: int,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
         self.info = info
         self.split = split
         self.targets = targets.to(torch.long)
@@ -214,15 +273,14 @@ class ImageDataset(Dataset):
         self.classes = list(classes)
         self.num_classes = len(self.classes)
         self.available = available  # samples on disk before ``limit``
-        mean, std = info.mean, info.std
-        if self.channels != info.channels:
-            if self.channels == 3:
-                mean, std = mean * 3, std * 3
-            else:  # luma of the channel means; the weighted std is exact for fully correlated channels
-                mean = (sum(w * m for w, m in zip(_LUMA, mean)),)
-                std = (sum(w * s for w, s in zip(_LUMA, std)),)
-        self.mean: tuple[float, ...] = tuple(mean)
-        self.std: tuple[float, ...] = tuple(std)
+        given_mean = _check_stats(mean, "mean", self.channels)
+        given_std = _check_stats(std, "std", self.channels, positive=True)
+        default_mean, default_std = _default_stats(info, self.channels)
+        self.mean: tuple[float, ...] = given_mean or default_mean
+        self.std: tuple[float, ...] = given_std or default_std
+        self.normalization: str = _normalization_text(info, given_mean is not None, given_std is not None)
+        # the standard statistics of a named dataset go unmentioned in describe(); anything else is said
+        self._say_normalization = given_mean is not None or given_std is not None or _is_identity(info)
         self._mean = torch.tensor(self.mean).view(1, -1, 1, 1)
         self._std = torch.tensor(self.std).view(1, -1, 1, 1)
 
@@ -285,7 +343,9 @@ class ImageDataset(Dataset):
         split = "test (official val split)" if info.name == "tiny-imagenet" and self.split == "test" else self.split
         n = len(self)
         official = info.train_size if self.split == "train" else info.test_size
-        if n < self.available:
+        if n < self.available and is_folder_dataset(info.name):
+            count = f"{n:,} images (first {n:,} of {self.available:,} in a fixed class-mixed order)"
+        elif n < self.available:
             count = f"{n:,} images (first {n:,} of {self.available:,})"
         elif n != official and not info.synthetic:
             count = f"{n:,} images (of the official {official:,})"
@@ -295,6 +355,8 @@ class ImageDataset(Dataset):
         text = f"{info.title} {split}: {count}, {c}×{h}×{w}"
         if self.augment:
             text += ", augmented"
+        if self._say_normalization:
+            text += f", normalisation: {self.normalization}"
         if info.synthetic:
             return text + f", generated (seed {SYNTHETIC_SEED}; synthetic: accuracy on it says nothing about real data)"
         return text + f", from {self.location}"
@@ -310,6 +372,69 @@ class ImageDataset(Dataset):
         if not 0 <= i < n:
             raise IndexError(f"index {index} out of range for {n} samples")
         return i
+
+
+def _is_identity(info: DatasetInfo) -> bool:
+    """Whether the dataset's statistics leave values as they are (a user folder: no known statistics)."""
+    return all(m == 0 for m in info.mean) and all(s == 1 for s in info.std)
+
+
+def _default_stats(info: DatasetInfo, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The dataset's mean and std converted to ``channels`` output channels."""
+    if _is_identity(info):
+        return (0.0,) * channels, (1.0,) * channels
+    mean, std = tuple(info.mean), tuple(info.std)
+    if channels != info.channels:
+        if channels == 3:
+            mean, std = mean * 3, std * 3
+        else:  # luma of the channel means; the weighted std is exact for fully correlated channels
+            mean = (sum(w * m for w, m in zip(_LUMA, mean)),)
+            std = (sum(w * s for w, s in zip(_LUMA, std)),)
+    return mean, std
+
+
+def _check_stats(values: Sequence[float] | float | None, what: str, channels: int,
+                 positive: bool = False) -> tuple[float, ...] | None:
+    """User-given ``mean``/``std``: finite numbers (``std`` > 0), one per output channel or one for
+    all (broadcast); None stays None. Anything else is a one-line :class:`DatasetError`."""
+    if values is None:
+        return None
+    items: list[Any]
+    if isinstance(values, (int, float, np.number)):
+        items = [values]
+    elif isinstance(values, (np.ndarray, torch.Tensor)):
+        items = values.reshape(-1).tolist()
+    elif isinstance(values, Sequence) and not isinstance(values, (str, bytes)):
+        items = list(values)
+    else:
+        raise DatasetError(f"{what} (--{what}) must be a list of numbers, got {values!r}")
+    floats: list[float] = []
+    for v in items:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.number)):
+            raise DatasetError(f"{what} (--{what}) must be numbers, got {v!r} in {list(items)!r}")
+        f = float(v)
+        if not math.isfinite(f) or (positive and f <= 0):
+            need = "finite and > 0" if positive else "finite"
+            raise DatasetError(f"{what} (--{what}) values must be {need}, got {f!r} in {[float(x) for x in items]}")
+        floats.append(f)
+    if len(floats) == 1:
+        return tuple(floats) * channels
+    if len(floats) != channels:
+        raise DatasetError(f"{what} (--{what}) needs {channels} value{'s' if channels > 1 else ''} (one per channel "
+                           f"of the {channels}-channel input) or 1 for all, got {len(floats)}: {floats}")
+    return tuple(floats)
+
+
+def _normalization_text(info: DatasetInfo, mean_given: bool, std_given: bool) -> str:
+    """Where the statistics come from, e.g. "MNIST's mean/std (dataset default)"."""
+    identity = _is_identity(info)
+    if mean_given and std_given:
+        return "given (--mean/--std)"
+    if mean_given:
+        return "mean given (--mean), std 1" if identity else f"mean given (--mean), {info.title}'s std (dataset default)"
+    if std_given:
+        return "std given (--std), mean 0" if identity else f"std given (--std), {info.title}'s mean (dataset default)"
+    return "none (values in [0, 1])" if identity else f"{info.title}'s mean/std (dataset default)"
 
 
 class TensorImageDataset(ImageDataset):
@@ -633,6 +758,486 @@ def _load_tiny_imagenet(info: DatasetInfo, split: str, root: Path
 
 
 # --------------------------------------------------------------------------------------------
+# User image folders: folder:PATH with train/<class>/… and test/<class>/… (or val/)
+
+FOLDER_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+"""File suffixes (any case) of the images a ``folder:`` dataset reads; other files are ignored."""
+_FOLDER_LAYOUT = "train/<class>/<images> and test/<class>/<images> (or val/<class>/<images>)"
+_JPEG_SUFFIXES = (".jpg", ".jpeg")
+_SCAN_CACHE_ENTRIES = 8
+_DECODED_CACHE_ENTRIES = 2
+_DECODE_CHUNK = 256  # files per thread-pool task: few futures, still balanced
+
+
+@dataclass(frozen=True)
+class _FolderSplit:
+    """One split folder: its image files (absolute paths, sorted by class then path), their labels,
+    and the fixed class-mixed order. Paths are strings: 50,000 ``Path`` objects cost half a second."""
+
+    folder: Path
+    classes: tuple[str, ...]
+    files: tuple[str, ...]
+    labels: tuple[int, ...]  # indices into the dataset's classes
+    order: tuple[int, ...]  # the class-mixed sample order: indices into ``files``
+
+
+@dataclass(frozen=True)
+class _FolderScan:
+    """What a scan of ``folder:PATH`` found, and the folder modification times it is valid for."""
+
+    given: str
+    root: Path
+    splits: dict[str, _FolderSplit]
+    classes: tuple[str, ...]
+    reference: str  # the first training image (the first test image when there is no train/)
+    reference_size: tuple[int, int] | None  # its width, height; None when it cannot be read
+    reference_error: str  # why it cannot be read
+    dirs: tuple[str, ...]
+    stamp: tuple[int, ...]
+    info: DatasetInfo
+
+    @property
+    def signature(self) -> str:
+        """Digest of the folder listing's modification times (part of the decoded-image cache key)."""
+        return hashlib.sha256(repr((self.dirs, self.stamp)).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _DecodeSpec:
+    """How to decode a folder's images: to ``size``×``size``, resizing, or checking they already are."""
+
+    title: str
+    size: int
+    resize: bool
+    reference: str
+
+
+_SCANS: OrderedDict[str, _FolderScan] = OrderedDict()
+_DECODED: OrderedDict[tuple[str, str, int, bool, str, int], torch.Tensor] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+def clear_folder_cache() -> None:
+    """Forget cached folder scans and decoded images (they are otherwise kept for the process)."""
+    with _CACHE_LOCK:
+        _SCANS.clear()
+        _DECODED.clear()
+
+
+def _folder_root(given: str) -> Path:
+    """PATH as an absolute path: ``~`` expanded, relative to the current folder."""
+    return Path(os.path.abspath(os.path.expanduser(given)))
+
+
+def _dir_stamp(dirs: Sequence[str]) -> tuple[int, ...] | None:
+    """Modification times of ``dirs`` (they change when entries are added, removed or renamed)."""
+    try:
+        return tuple(os.stat(d).st_mtime_ns for d in dirs)
+    except OSError:
+        return None
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(FOLDER_SUFFIXES)
+
+
+def _class_files(title: str, folder: str, dirs: list[str]) -> tuple[list[str], int, str]:
+    """Paths relative to ``folder`` of the image files below one class folder (sorted), how many
+    other files it holds and the name of one; ``dirs`` collects the folders walked."""
+    found: list[str] = []
+    others = 0
+    other_name = ""
+    cut = len(folder) + len(os.sep)
+    stack = [folder]
+    seen: set[str] = set()
+    while stack:
+        current = stack.pop()
+        real = os.path.realpath(current)
+        if real in seen:  # a symlink loop, or two links to one folder
+            continue
+        seen.add(real)
+        dirs.append(current)
+        try:
+            entries = list(os.scandir(current))
+        except OSError as exc:
+            raise DatasetError(f"{title}: cannot list {current}: {_reason(exc)}") from exc
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                stack.append(entry.path)
+            elif _is_image_name(entry.name):
+                if entry.is_file():
+                    found.append(entry.path[cut:])
+            elif entry.is_file():
+                others += 1
+                other_name = other_name or entry.name
+    found.sort()
+    return found, others, other_name
+
+
+def _scan_split(title: str, folder: Path, dirs: list[str]) -> tuple[tuple[str, ...], dict[str, list[str]]]:
+    """Class folders of one split and their image files; one-line errors for an empty split or class."""
+    dirs.append(str(folder))
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        raise DatasetError(f"{title}: cannot list {folder}: {_reason(exc)}") from exc
+    classes = tuple(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+    if not classes:
+        loose = sum(1 for e in entries if _is_image_name(e.name))
+        where = f"it holds {loose:,} images directly: " if loose else ""
+        raise DatasetError(f"{title}: {folder} has no class folders; {where}put each class's images in a "
+                           f"sub-folder named after the class ({folder}/<class>/<images>)")
+    files: dict[str, list[str]] = {}
+    for name in classes:
+        found, others, other_name = _class_files(title, str(folder / name), dirs)
+        if not found:
+            also = f" (it holds {others:,} other files, e.g. {other_name})" if others else ""
+            raise DatasetError(f"{title}: class {name!r} of {folder.name}/ has no images{also}: {folder / name}; "
+                               f"images are files ending in {' '.join(FOLDER_SUFFIXES)}")
+        files[name] = found
+    return classes, files
+
+
+def _order_key(name: str, relative: str) -> bytes:
+    """Sort key of the fixed class-mixed order: a seeded hash of the class and the file's path."""
+    text = f"{FOLDER_ORDER_SEED}:{name}/{relative}"
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+
+
+def _image_size_of(path: str) -> tuple[int, int]:
+    """Width and height from an image's header (nothing is decoded)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+def _class_mismatch(title: str, train: Sequence[str], test: Sequence[str], test_name: str) -> None:
+    """One line naming the classes found in only one of the two splits, if any."""
+    problems = []
+    for only, have, lack in ((set(train) - set(test), "train", test_name), (set(test) - set(train), test_name, "train")):
+        if only:
+            names = sorted(only)
+            shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            verb = "are" if len(names) > 1 else "is"
+            problems.append(f"class{'es' if len(names) > 1 else ''} {shown} {verb} in {have}/ but not in {lack}/")
+    if problems:
+        raise DatasetError(f"{title}: {'; '.join(problems)}; both splits need the same class folders")
+
+
+def _scan_folder(given: str) -> _FolderScan:
+    """Scan ``folder:given`` (or return the cached scan while its folders are unchanged)."""
+    root = _folder_root(given)
+    key = f"{given}\0{root}"
+    with _CACHE_LOCK:
+        cached = _SCANS.get(key)
+    if cached is not None and _dir_stamp(cached.dirs) == cached.stamp:
+        return cached
+    title = f"folder {given}"
+    if not root.exists():
+        raise DatasetError(f"{title}: no such folder {root}; expected a folder with {_FOLDER_LAYOUT}")
+    if not root.is_dir():
+        raise DatasetError(f"{title}: {root} is a file, not a folder; expected a folder with {_FOLDER_LAYOUT}")
+    dirs: list[str] = [str(root)]
+    split_dirs = {"train": root / "train", "test": root / "test" if (root / "test").is_dir() else root / "val"}
+    present = {split: folder for split, folder in split_dirs.items() if folder.is_dir()}
+    if not present:
+        try:
+            found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        except OSError:
+            found = []
+        has = "it has no sub-folders" if not found else \
+            f"it has {', '.join(f + '/' for f in found[:6])}{', …' if len(found) > 6 else ''}"
+        raise DatasetError(f"{title}: {root} has no train/, test/ or val/ folder ({has}); expected {_FOLDER_LAYOUT}")
+    listed = {split: _scan_split(title, folder, dirs) for split, folder in present.items()}
+    if len(listed) == 2:
+        _class_mismatch(title, listed["train"][0], listed["test"][0], present["test"].name)
+    classes = listed["train"][0] if "train" in listed else listed["test"][0]
+    index = {name: i for i, name in enumerate(classes)}
+    splits: dict[str, _FolderSplit] = {}
+    for split, (split_classes, files) in listed.items():
+        base = f"{present[split]}{os.sep}"
+        pairs = [(c, f) for c in split_classes for f in files[c]]
+        order = sorted(range(len(pairs)), key=lambda i: _order_key(*pairs[i]))
+        splits[split] = _FolderSplit(folder=present[split], classes=split_classes,
+                                     files=tuple(f"{base}{c}{os.sep}{f}" for c, f in pairs),
+                                     labels=tuple(index[c] for c, _ in pairs), order=tuple(order))
+    reference = (splits["train"] if "train" in splits else splits["test"]).files[0]
+    reference_size: tuple[int, int] | None = None
+    reference_error = ""
+    try:
+        reference_size = _image_size_of(reference)
+    except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError… for bad files
+        reference_error = _reason(exc)
+    square = reference_size is not None and reference_size[0] == reference_size[1]
+    info = DatasetInfo(
+        name=FOLDER_PREFIX + given, title=title, num_classes=len(classes), channels=3,
+        image_size=reference_size[0] if reference_size is not None and square and "train" in splits else 0,
+        mean=(0.0,) * 3, std=(1.0,) * 3,
+        files=f"{_FOLDER_LAYOUT}; images are files ending in {' '.join(FOLDER_SUFFIXES)}",
+        folder=str(root),
+        train_size=len(splits["train"].files) if "train" in splits else 0,
+        test_size=len(splits["test"].files) if "test" in splits else 0,
+        source="user image folder")
+    scan = _FolderScan(given=given, root=root, splits=splits, classes=classes, reference=reference,
+                       reference_size=reference_size, reference_error=reference_error, dirs=tuple(dirs),
+                       stamp=_dir_stamp(dirs) or (), info=info)
+    with _CACHE_LOCK:
+        _SCANS[key] = scan
+        _SCANS.move_to_end(key)
+        while len(_SCANS) > _SCAN_CACHE_ENTRIES:
+            _SCANS.popitem(last=False)
+    log.debug("%s: %d classes, %s", title, len(classes),
+              ", ".join(f"{len(p.files):,} {s} images in {p.folder}" for s, p in splits.items()))
+    return scan
+
+
+def _decode_spec(scan: _FolderScan, image_size: int | None) -> _DecodeSpec:
+    """Decode to ``image_size`` when given, else to the first training image's size, checked square."""
+    title = scan.info.title
+    if image_size is not None:
+        return _DecodeSpec(title, image_size, True, scan.reference)
+    if scan.reference_size is None:
+        raise DatasetError(f"{title}: cannot read image {scan.reference}: {scan.reference_error}; "
+                           "replace or remove the file")
+    w, h = scan.reference_size
+    if w != h:
+        raise DatasetError(f"{title}: {scan.reference} is {w}×{h}, not square; pass --input-size N to resize "
+                           "every image to N×N")
+    return _DecodeSpec(title, w, False, scan.reference)
+
+
+def _size_error(path: str, size: tuple[int, int], spec: _DecodeSpec) -> DatasetError:
+    w, h = size
+    return DatasetError(f"{spec.title}: {path} is {w}×{h} but the first training image ({spec.reference}) is "
+                        f"{spec.size}×{spec.size}; images must share one size: pass --input-size N to resize them all")
+
+
+def _decode_image(path: str, spec: _DecodeSpec) -> np.ndarray:
+    """One image file as uint8 H×W×3 RGB at ``spec.size`` with Pillow (convert("RGB"), bilinear resize);
+    a wrong size (when not resizing), an unreadable or a corrupt file is a one-line error naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if not spec.resize and im.size != (spec.size, spec.size):
+                raise _size_error(path, im.size, spec)
+            rgb = im if im.mode == "RGB" else im.convert("RGB")
+            if rgb.size != (spec.size, spec.size):
+                rgb = rgb.resize((spec.size, spec.size), Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8)
+    except DatasetError:
+        raise
+    except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError… for bad files
+        raise DatasetError(f"{spec.title}: cannot read image {path}: {_reason(exc)}; replace or remove the file") from exc
+
+
+@functools.lru_cache(maxsize=1)
+def _fast_jpeg() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """torchvision's libjpeg-turbo decoder (no Python-level JPEG parsing: ~4× faster than Pillow on
+    32×32 images), or None. Used only when it reproduces Pillow's pixels exactly on probe images
+    (colour with 4:2:0 chroma, and grey), so either way the result is Pillow's; any failure falls back."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():  # the first call only (lru_cache), before any thread starts
+            warnings.simplefilter("ignore")
+            import torchvision.io.image as tv_image
+
+            decode = torch.ops.image.decode_jpeg
+            unchanged = int(tv_image.ImageReadMode.UNCHANGED.value)
+        ramp = np.arange(24 * 24 * 3, dtype=np.uint32).reshape(24, 24, 3)
+        probes = [Image.fromarray(((ramp * 37) % 251).astype(np.uint8), "RGB"),
+                  Image.fromarray(((ramp[..., 0] * 11) % 253).astype(np.uint8), "L")]
+        for probe in probes:
+            buffer = io.BytesIO()
+            probe.save(buffer, "JPEG", quality=75)
+            with Image.open(io.BytesIO(buffer.getvalue())) as im:
+                expected = np.asarray(im.convert("RGB"))
+            got = decode(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8), unchanged, False)
+            got = got.expand(3, -1, -1) if got.shape[0] == 1 else got
+            if not np.array_equal(got.permute(1, 2, 0).numpy(), expected):
+                log.debug("torchvision's JPEG decoder differs from Pillow's; decoding with Pillow only")
+                return None
+    except Exception as exc:  # no torchvision image extension, a changed operator: Pillow does it all
+        log.debug("no fast JPEG decoder (%s); decoding with Pillow only", _reason(exc))
+        return None
+    return lambda data: decode(data, unchanged, False)
+
+
+def _decode_jpeg_fast(decode: Callable[[torch.Tensor], torch.Tensor], path: str, spec: _DecodeSpec) -> np.ndarray | None:
+    """A JPEG as uint8 3×size×size with the fast decoder, or None for Pillow to handle (and word
+    any error): unreadable, corrupt, CMYK, or a wrong size when not resizing."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        img = decode(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    except Exception:
+        return None
+    if img.ndim != 3 or img.shape[0] not in (1, 3):
+        return None
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    if tuple(img.shape[1:]) == (spec.size, spec.size):
+        return img.numpy()
+    if not spec.resize:
+        return None
+    from PIL import Image
+
+    small = Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy()), "RGB").resize(
+        (spec.size, spec.size), Image.Resampling.BILINEAR)
+    return np.asarray(small, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _decode_into(out: np.ndarray, files: Sequence[str], start: int, stop: int, spec: _DecodeSpec) -> None:
+    """Decode ``files[start:stop]`` into ``out[start:stop]`` (N×3×size×size uint8)."""
+    fast = _fast_jpeg()
+    for i in range(start, stop):
+        path = files[i]
+        if fast is not None and path.lower().endswith(_JPEG_SUFFIXES):
+            img = _decode_jpeg_fast(fast, path, spec)
+            if img is not None:
+                out[i] = img
+                continue
+        out[i] = _decode_image(path, spec).transpose(2, 0, 1)
+
+
+def _decode_all(files: Sequence[str], spec: _DecodeSpec) -> torch.Tensor:
+    """All ``files`` as one uint8 N×3×size×size tensor, decoded by a pool of os.cpu_count() threads
+    (the decoders release the GIL while they decode); the first bad file in order raises its error."""
+    n = len(files)
+    out = np.empty((n, 3, spec.size, spec.size), dtype=np.uint8)
+    chunks = [(a, min(a + _DECODE_CHUNK, n)) for a in range(0, n, _DECODE_CHUNK)]
+    workers = min(os.cpu_count() or 1, len(chunks))
+    _fast_jpeg()  # probe once here, not in several threads at once
+    if workers <= 1:
+        for a, b in chunks:
+            _decode_into(out, files, a, b, spec)
+        return torch.from_numpy(out)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tncompress-decode")
+    try:
+        futures: list[Future[None]] = [pool.submit(_decode_into, out, files, a, b, spec) for a, b in chunks]
+        for future in futures:
+            future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return torch.from_numpy(out)
+
+
+def _cache_budget() -> int:
+    """Bytes of decoded images that may be held in memory (``$TNCOMPRESS_CACHE_MB``, in MiB)."""
+    text = os.environ.get(ENV_CACHE_MB, "").strip()
+    if not text:
+        return DEFAULT_CACHE_MB * 2**20
+    try:
+        mb = float(text)
+    except ValueError:
+        mb = math.nan
+    if not math.isfinite(mb) or mb < 0:
+        raise DatasetError(f"{ENV_CACHE_MB} must be a number of megabytes >= 0, got {text!r}")
+    return int(mb * 2**20)
+
+
+def _decoded_images(scan: _FolderScan, split: str, files: Sequence[str], spec: _DecodeSpec,
+                    budget: int) -> torch.Tensor:
+    """The decoded images of the first ``len(files)`` samples of ``split``: from the process-wide cache
+    (a longer decoded prefix of the same order serves too), else decoded now and cached. The cache
+    keeps the last two, within ``budget`` bytes."""
+    base = (str(scan.root), split, spec.size, spec.resize, scan.signature)
+    n = len(files)
+    with _CACHE_LOCK:
+        for key, images in reversed(_DECODED.items()):
+            if key[:5] == base and len(images) >= n:
+                _DECODED.move_to_end(key)
+                log.debug("%s %s: %s decoded images from the cache", spec.title, split, f"{n:,}")
+                return images[:n]
+    started = time.perf_counter()
+    log.info("%s %s: decoding %s images to %d×%d (up to %d threads)", spec.title, split, f"{n:,}",
+             spec.size, spec.size, os.cpu_count() or 1)
+    images = _decode_all(files, spec)
+    log.info("%s %s: decoded %s images in %.1f s (%.0f MB in memory)", spec.title, split, f"{n:,}",
+             time.perf_counter() - started, images.numel() / 2**20)
+    with _CACHE_LOCK:
+        key = (*base, n)
+        _DECODED[key] = images
+        _DECODED.move_to_end(key)
+        total = sum(t.numel() for t in _DECODED.values())
+        while len(_DECODED) > 1 and (len(_DECODED) > _DECODED_CACHE_ENTRIES or total > budget):
+            _, dropped = _DECODED.popitem(last=False)
+            total -= dropped.numel()
+    return images
+
+
+class FolderImageDataset(ImageDataset):
+    """A user's image folder (``folder:PATH``). ``files`` are the samples' image paths (strings, in
+    the dataset's order); ``images`` holds them decoded (uint8 N×3×H×W) when they fit
+    ``$TNCOMPRESS_CACHE_MB``, else it is None and each batch is decoded from its files."""
+
+    def __init__(self, info: DatasetInfo, split: str, files: list[str], targets: torch.Tensor, *,
+                 images: torch.Tensor | None, spec: _DecodeSpec, **kwargs: Any) -> None:
+        super().__init__(info, split, targets, **kwargs)
+        self.files = files
+        self.images = images
+        self.spec = spec
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the decoded images are held in memory (else each batch is decoded from its files)."""
+        return self.images is not None
+
+    def _raw_batch(self, indices: Sequence[int]) -> torch.Tensor:
+        if self.images is not None:
+            return self.images[list(indices)]
+        out = np.empty((len(indices), 3, self.spec.size, self.spec.size), dtype=np.uint8)
+        _decode_into(out, [self.files[i] for i in indices], 0, len(indices), self.spec)
+        return torch.from_numpy(out)
+
+
+def _check_folder_split(title: str, split: str) -> str:
+    key = str(split).strip().lower()
+    if key in ("train", "test"):
+        return key
+    if key in ("val", "valid", "validation"):
+        return "test"
+    raise DatasetError(f"{title} has no split {split!r}; use 'train' or 'test' (read from test/, or val/ "
+                       "when there is no test/)")
+
+
+def _load_folder(given: str, split: str, *, image_size: int | None, limit: int | None,
+                 **kwargs: Any) -> FolderImageDataset:
+    """The ``folder:given`` dataset's ``split`` (the module docstring gives the layout and rules)."""
+    title = f"folder {given}"
+    split = _check_folder_split(title, split)
+    budget = _cache_budget()
+    scan = _scan_folder(given)
+    part = scan.splits.get(split)
+    if part is None:
+        if split == "train":
+            raise DatasetError(f"{title}: {scan.root} has no train/ folder; expected {_FOLDER_LAYOUT}")
+        raise DatasetError(f"{title}: {scan.root} has neither test/ nor val/ (the test split is read from one of "
+                           f"them); expected {_FOLDER_LAYOUT}")
+    spec = _decode_spec(scan, image_size)
+    keep = part.order if limit is None else part.order[:limit]
+    files = [part.files[i] for i in keep]
+    targets = torch.tensor([part.labels[i] for i in keep], dtype=torch.long)
+    need = len(files) * 3 * spec.size * spec.size
+    images: torch.Tensor | None = None
+    if need <= budget:
+        images = _decoded_images(scan, split, files, spec, budget)
+    else:
+        log.info("%s %s: %s images would take %.0f MB decoded, over %s=%.0f; decoding them batch by batch",
+                 title, split, f"{len(files):,}", need / 2**20, ENV_CACHE_MB, budget / 2**20)
+        if files:  # a first unreadable file fails here, not in the first batch
+            _decode_into(np.empty((1, 3, spec.size, spec.size), dtype=np.uint8), files, 0, 1, spec)
+    return FolderImageDataset(scan.info, split, files, targets, images=images, spec=spec, location=part.folder,
+                              classes=scan.classes, available=len(part.files), image_size=spec.size, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
 # Synthetic: a deterministic stand-in for MNIST-like data
 
 _SYN_CHUNK = 500
@@ -759,6 +1364,8 @@ def load_dataset(
     augment: bool = False,
     download: bool = True,
     limit: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> ImageDataset:
     """A dataset of (normalised float C×H×W tensor, int label) by name and split.
 
@@ -768,19 +1375,35 @@ def load_dataset(
     padding and horizontal flip for colour sets, a small random affine for MNIST-like ones),
     ``limit`` keeps the first N samples. Missing files are downloaded by torchvision when
     ``download`` is true (never for Tiny-ImageNet); problems raise :class:`DatasetError`.
+
+    ``mean``/``std`` replace the dataset's normalisation (one value per output channel, or one for
+    all); without them named datasets use their standard statistics and ``folder:PATH`` datasets
+    none. ``folder:PATH`` reads a user's image folder (module docstring): ``data_dir`` and
+    ``download`` do not apply, ``image_size`` resizes at decode time, ``limit`` keeps the first N
+    of a fixed class-mixed order.
     """
-    info = dataset_info(name)
-    split = _check_split(info, split)
     image_size = _check_int(image_size, "image_size")
     channels = _check_int(channels, "channels", allowed=(1, 3))
     limit = _check_int(limit, "limit", minimum=0)
-    common: dict[str, Any] = {"image_size": image_size, "channels": channels, "augment": bool(augment)}
+    folder = folder_path(name)
+    out_channels = channels or (3 if folder is not None else dataset_info(name).channels)
+    _check_stats(mean, "mean", out_channels)  # refuse bad statistics before reading any data
+    _check_stats(std, "std", out_channels, positive=True)
+    stats: dict[str, Any] = {"mean": mean, "std": std}
+    if folder is not None:
+        ds: ImageDataset = _load_folder(folder, split, image_size=image_size, limit=limit, channels=channels,
+                                        augment=bool(augment), **stats)
+        log.info("loaded %s", ds.describe())
+        return ds
+    info = dataset_info(name)
+    split = _check_split(info, split)
+    common: dict[str, Any] = {"image_size": image_size, "channels": channels, "augment": bool(augment), **stats}
 
     if info.synthetic:
         n = info.train_size if split == "train" else info.test_size
         keep = n if limit is None else min(limit, n)
         images, targets = generate_synthetic(keep, _mix_seed(SYNTHETIC_SEED, split))
-        ds: ImageDataset = TensorImageDataset(info, split, images, targets, location=None,
+        ds = TensorImageDataset(info, split, images, targets, location=None,
                                               classes=[str(k) for k in range(10)], available=n, **common)
     elif info.name == "tiny-imagenet":
         files, targets, classes, location = _load_tiny_imagenet(info, split, data_root(data_dir))

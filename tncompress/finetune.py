@@ -32,6 +32,8 @@ class DataOptions:
     limit_test: int | None = None
     num_workers: int = 0
     download: bool = True
+    mean: tuple[float, ...] | None = None  # None: recorded with the model, else the dataset's default
+    std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         """Resolve the dataset name once, where it enters (aliases such as ``fmnist``, any case):
@@ -39,6 +41,34 @@ class DataOptions:
         from tncompress.data import dataset_info
 
         self.name = dataset_info(self.name).name
+
+
+def recorded_preprocessing(loaded: LoadedModel) -> dict[str, Any]:
+    """The normalisation recorded in a tncompress checkpoint (``metadata.preprocessing``), or {}."""
+    meta = (loaded.header or {}).get("metadata") or {}
+    pre = meta.get("preprocessing") or {}
+    return {k: list(pre[k]) for k in ("mean", "std") if pre.get(k)}
+
+
+def normalization(loaded: LoadedModel, options: DataOptions) -> dict[str, Any]:
+    """``mean``/``std`` keyword arguments for :func:`tncompress.data.load_dataset`: given on the
+    command line, else recorded with the model, else none (the dataset's own default applies)."""
+    recorded = recorded_preprocessing(loaded)
+    out: dict[str, Any] = {}
+    for key in ("mean", "std"):
+        value = getattr(options, key)
+        if value is not None:
+            out[key] = list(value)
+        elif key in recorded:
+            out[key] = recorded[key]
+    return out
+
+
+def preprocessing_record(dataset: Any) -> dict[str, Any]:
+    """What a checkpoint records of the normalisation ``dataset`` applied (so later commands and
+    reports need not be told again)."""
+    return {"mean": [float(v) for v in dataset.mean], "std": [float(v) for v in dataset.std],
+            "normalization": str(getattr(dataset, "normalization", ""))}
 
 
 def input_geometry(loaded: LoadedModel, options: DataOptions) -> tuple[int | None, int | None]:
@@ -71,15 +101,15 @@ def test_loader(loaded: LoadedModel, options: DataOptions, batch_size: int, devi
 
     channels, size = input_geometry(loaded, options)
     test_set = load_dataset(options.name, "test", data_dir=options.data_dir, image_size=size, channels=channels,
-                            download=options.download, limit=options.limit_test)
+                            download=options.download, limit=options.limit_test, **normalization(loaded, options))
     return make_loader(test_set, batch_size, shuffle=False, num_workers=options.num_workers, device=device)
 
 
 def check_classes(model: nn.Module, loaded: LoadedModel, dataset: str, example: torch.Tensor) -> None:
     """Refuse a model whose output width does not match the dataset's class count."""
-    from tncompress.data import DATASETS
+    from tncompress.data import dataset_info
 
-    n = DATASETS[dataset].num_classes
+    n = dataset_info(dataset).num_classes
     was = model.training
     model.eval()
     with torch.no_grad():
@@ -97,7 +127,7 @@ def train_and_save(loaded: LoadedModel, output: str | Path, data: DataOptions, c
     """Train ``loaded.model`` on ``data`` with ``config`` (a :class:`tncompress.train.TrainConfig`),
     keep a resume state beside ``output`` (``<output>.state.pt``) and write ``output`` as a
     tncompress checkpoint after every epoch (atomically), the last one holding the final weights."""
-    from tncompress.data import DATASETS, load_dataset, make_loader
+    from tncompress.data import dataset_info, load_dataset, make_loader
     from tncompress.train import resolve_device, train
 
     output = Path(output)
@@ -106,10 +136,11 @@ def train_and_save(loaded: LoadedModel, output: str | Path, data: DataOptions, c
         raise TncompressError(f"--output {output} is the input file; write to a new file")
     device = resolve_device(config.device)
     channels, size = input_geometry(loaded, data)
+    norm = normalization(loaded, data)
     train_set = load_dataset(data.name, "train", data_dir=data.data_dir, image_size=size, channels=channels,
-                             augment=data.augment, download=data.download, limit=data.limit_train)
+                             augment=data.augment, download=data.download, limit=data.limit_train, **norm)
     test_set = load_dataset(data.name, "test", data_dir=data.data_dir, image_size=size, channels=channels,
-                            download=data.download, limit=data.limit_test)
+                            download=data.download, limit=data.limit_test, **norm)
     if on_event:
         on_event("data", {"train": train_set.describe(), "test": test_set.describe()})
     example = train_set[0][0].unsqueeze(0)
@@ -127,7 +158,7 @@ def train_and_save(loaded: LoadedModel, output: str | Path, data: DataOptions, c
     if spec is not None:
         spec = ModelSpec(spec.arch, spec.kwargs, spec.imports, [1, *example.shape[1:]])
     header = loaded.header or {}
-    info = DATASETS[data.name]
+    info = dataset_info(data.name)
     training_meta: dict[str, Any] = {"dataset": data.name, "synthetic": bool(getattr(info, "synthetic", False)),
                                      "train_images": len(train_set), "test_images": len(test_set),
                                      "input_shape": [1, *example.shape[1:]], "augment": data.augment,
@@ -139,6 +170,7 @@ def train_and_save(loaded: LoadedModel, output: str | Path, data: DataOptions, c
         history = list(metadata.get("training_runs") or [])
         metadata["training"] = {**training_meta, **result_meta}
         metadata["training_runs"] = history + [metadata["training"]] if result_meta.get("final") else history
+        metadata["preprocessing"] = preprocessing_record(train_set)
         save_compressed(output, model, spec=spec, plan=header.get("plan"),
                         recipe=header.get("recipe"), metadata=metadata)
 

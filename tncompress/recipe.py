@@ -91,7 +91,9 @@ class LayerChoice:
 
 
 def _where(source: str, key: str) -> str:
-    return f"{source}: {key}"
+    """``source: key``; a key with control characters or only blanks is quoted, so the line stays one line."""
+    shown = key if key.isprintable() and key.strip() else repr(key)
+    return f"{source}: {shown}"
 
 
 def method_keys() -> dict[str, frozenset[str]]:

@@ -20,7 +20,7 @@ import torch
 from tncompress.budget import BUDGET_METHODS
 from tncompress.checkpoint import LoadedModel, atomic_write
 from tncompress.errors import TncompressError
-from tncompress.finetune import DataOptions, check_classes, input_geometry, test_loader
+from tncompress.finetune import DataOptions, check_classes, input_geometry, normalization, test_loader
 from tncompress.recipe import Recipe, apply_overrides, load_recipe, parse_recipe
 
 log = logging.getLogger(__name__)
@@ -112,16 +112,11 @@ def _recipe_hash(recipe: Recipe) -> str:
 
 
 def calibration_from_dataset(loaded: LoadedModel, data: DataOptions, count: int, seed: int) -> torch.Tensor:
-    """``count`` training images (a seeded random choice) shaped for ``loaded``'s model: real data
-    for the decomposition's calibration and a budget's sensitivity scan."""
-    from tncompress.data import load_dataset
+    """``count`` training images shaped and normalised for ``loaded``'s model: real data for the
+    decomposition's calibration and a budget's sensitivity scan (see :mod:`tncompress.calibration`)."""
+    from tncompress.calibration import calibration_images
 
-    channels, size = input_geometry(loaded, data)
-    train_set = load_dataset(data.name, "train", data_dir=data.data_dir, image_size=size, channels=channels,
-                             download=data.download, limit=data.limit_train)
-    gen = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(len(train_set), generator=gen)[: min(count, len(train_set))].tolist()
-    return torch.stack([train_set[i][0] for i in picks])
+    return calibration_images(loaded, data, count, seed).images
 
 
 def _write_results(out_dir: Path, results: dict[str, Any], note: str | None, plot: bool = True) -> None:
@@ -243,7 +238,8 @@ def _finetune(small: torch.nn.Module, teacher: torch.nn.Module, loaded: LoadedMo
 
     data = options.data
     train_set = load_dataset(data.name, "train", data_dir=data.data_dir, image_size=size, channels=channels,
-                             augment=data.augment, download=data.download, limit=data.limit_train)
+                             augment=data.augment, download=data.download, limit=data.limit_train,
+                             **normalization(loaded, data))
     config = TrainConfig(epochs=options.finetune_epochs, batch_size=options.batch_size, lr=options.lr,
                          kd_weight=options.kd_weight, device=options.device, seed=options.seed)
     started = time.perf_counter()

@@ -134,3 +134,26 @@ def torch_seed(seed: int) -> None:
 
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def parse_floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    """A comma-separated list of numbers (``--mean 0.485,0.456,0.406``), or a one-line error."""
+    if text is None or str(text).strip() == "":
+        return None
+    try:
+        values = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        raise TncompressError(f"{flag} expects comma-separated numbers (one per channel), got {text!r}") from None
+    return values
+
+
+def calibration_input(loaded: Any, source: str | None, size: int, data_dir: str | None,
+                      mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> tuple[Any, str | None]:
+    """(images, description) of ``--calibration-data``, or (None, None) for the recipe's noise batch."""
+    if source is None:
+        return None, None
+    from tncompress.calibration import calibration_images
+    from tncompress.finetune import DataOptions
+
+    calib = calibration_images(loaded, DataOptions(source, data_dir, mean=mean, std=std), size)
+    return calib.images, calib.description

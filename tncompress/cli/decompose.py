@@ -8,8 +8,30 @@ from typing import Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tncompress.cli.common import app, console, err_console, handle_errors, input_shape_of, load_input
-from tncompress.cli.options import ArchArgOpt, ArchOpt, ImportOpt, InputShapeOpt, RecipeOpt, SetOpt, TrustOpt
+from tncompress.cli.common import (
+    app,
+    calibration_input,
+    console,
+    err_console,
+    handle_errors,
+    input_shape_of,
+    load_input,
+    parse_floats,
+)
+from tncompress.cli.options import (
+    ArchArgOpt,
+    ArchOpt,
+    CalibrationDataOpt,
+    CalibrationSizeOpt,
+    DataDirOpt,
+    ImportOpt,
+    InputShapeOpt,
+    MeanOpt,
+    RecipeOpt,
+    SetOpt,
+    StdOpt,
+    TrustOpt,
+)
 from tncompress.cli.render import plan_json, plan_table, print_budget, print_notes, totals_line
 from tncompress.errors import TncompressError
 
@@ -26,6 +48,11 @@ def decompose(
     imports: list[str] = ImportOpt,
     trust_pickle: bool = TrustOpt,
     input_shape: str = InputShapeOpt,
+    calibration_data: str = CalibrationDataOpt,
+    calibration_size: int = CalibrationSizeOpt,
+    data_dir: str = DataDirOpt,
+    mean: str = MeanOpt,
+    std: str = StdOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the resolved plan with errors as JSON."),
     allow_error: bool = typer.Option(False, "--allow-error", help="Write the model even when a layer or the model "
                                      "exceeds the recipe's max_output_error / max_model_error (default: exit 3)."),
@@ -44,6 +71,10 @@ def decompose(
     rec = load_recipe(recipe, overrides or [])
     loaded = load_input(checkpoint, arch, arch_args, imports, trust_pickle, input_shape)
     shape = input_shape_of(loaded, input_shape)
+    mean_values, std_values = parse_floats(mean, "--mean"), parse_floats(std, "--std")
+    images, source = calibration_input(loaded, calibration_data, calibration_size, data_dir, mean_values, std_values)
+    if source:
+        err_console.print(f"calibration: {source}", highlight=False)
     params_before = count_params(loaded.model)
     # the bar starts with the first layer, so an error while planning is one line with nothing before it
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -62,7 +93,7 @@ def decompose(
 
     try:
         result = decompose_model(loaded.model, rec, input_shape=shape, inplace=True, progress=on_progress,
-                                 allow_error=allow_error)
+                                 allow_error=allow_error, calibration_input=images, calibration_source=source)
         if task is not None:
             progress.update(task, description="decomposed")
     finally:
@@ -79,14 +110,14 @@ def decompose(
                     metadata={"source": str(checkpoint), "source_kind": loaded.kind,
                               "source_sha256": file_sha256(checkpoint), "recipe_path": str(recipe),
                               "recipe_sha256": file_sha256(recipe), "recipe_overrides": list(overrides or []),
-                              **result.metadata()})
+                              **result.metadata(), **_preprocessing(loaded, mean_values, std_values)})
     if as_json:
         sys.stdout.write(plan_json(layers, {"input": str(checkpoint), "output": str(output), "input_shape": shape,
                                              "model_output_error": model_error,
                                              **({"budget": budget} if budget else {})}) + "\n")
         return
     console.print(plan_table(layers, f"Decomposed {checkpoint} → {output} (errors: relative Frobenius norm; "
-                                      f"output error on a calibration batch of {calib['batch_size']})"))
+                                      f"output error on {calib['samples']:,} calibration samples: {calib['kind']})"))
     print_notes(layers)
     console.print(totals_line(layers, params_before))
     print_budget(budget)
@@ -94,3 +125,15 @@ def decompose(
         console.print(f"model output error on the calibration batch: {model_error:.3g} (relative)")
     console.print(f"wrote {output}")
 
+
+
+def _preprocessing(loaded: Any, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> dict[str, Any]:
+    """The ``preprocessing`` metadata to record: given now, else carried over from the input checkpoint."""
+    from tncompress.finetune import recorded_preprocessing
+
+    pre = recorded_preprocessing(loaded)
+    if mean is not None:
+        pre["mean"] = list(mean)
+    if std is not None:
+        pre["std"] = list(std)
+    return {"preprocessing": pre} if pre else {}

@@ -14,7 +14,8 @@ TrustOpt = typer.Option(False, "--trust-pickle", help="Allow loading a whole pic
 InputShapeOpt = typer.Option(None, "--input-shape", help="Input shape with batch dimension, e.g. 1,3,32,32 "
                              "(default: recorded in the checkpoint, or the architecture's usual input).")
 RecipeOpt = typer.Option(..., "--recipe", "-r", help="YAML recipe (see configs/ and docs/recipes.md).")
-DatasetOpt = typer.Option(..., "--dataset", "-d", help="mnist, fashion-mnist, cifar10, tiny-imagenet or synthetic.")
+DatasetOpt = typer.Option(..., "--dataset", "-d", help="mnist, fashion-mnist, cifar10, tiny-imagenet, synthetic, or "
+                          "folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*).")
 DataDirOpt = typer.Option(None, "--data-dir", help="Dataset root (default: $TNCOMPRESS_DATA, else ~/.cache/tncompress/data).")
 SetOpt = typer.Option(None, "--set", help="Override a recipe value: key.path=value, e.g. defaults.Linear.rank=4 "
                       "or layers.0.rank=0.3 (repeatable).")
@@ -34,3 +35,12 @@ LimitTrainOpt = typer.Option(None, "--limit-train", min=1, help="Use only the fi
 LimitTestOpt = typer.Option(None, "--limit-test", min=1, help="Use only the first N test images.")
 ResumeOpt = typer.Option(False, "--resume", help="Continue from OUTPUT.state.pt.")
 GradClipOpt = typer.Option(None, "--grad-clip")
+
+MeanOpt = typer.Option(None, "--mean", help="Per-channel mean the model was trained with, comma-separated (e.g. "
+                       "0.485,0.456,0.406); recorded in the compressed checkpoint. Default: recorded, else the dataset's.")
+StdOpt = typer.Option(None, "--std", help="Per-channel std the model was trained with, comma-separated; recorded "
+                      "like --mean.")
+CalibrationDataOpt = typer.Option(None, "--calibration-data", help="Real images to calibrate on: a dataset name or "
+                                  "folder:PATH (its training split, with the model's preprocessing). Default: the "
+                                  "recipe's Gaussian-noise batch.")
+CalibrationSizeOpt = typer.Option(512, "--calibration-size", min=1, help="Images taken from --calibration-data.")

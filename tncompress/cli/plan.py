@@ -6,8 +6,21 @@ from pathlib import Path
 
 import typer
 
-from tncompress.cli.common import app, console, handle_errors, input_shape_of, load_input
-from tncompress.cli.options import ArchArgOpt, ArchOpt, ImportOpt, InputShapeOpt, RecipeOpt, SetOpt, TrustOpt
+from tncompress.cli.common import app, calibration_input, console, handle_errors, input_shape_of, load_input, parse_floats
+from tncompress.cli.options import (
+    ArchArgOpt,
+    ArchOpt,
+    CalibrationDataOpt,
+    CalibrationSizeOpt,
+    DataDirOpt,
+    ImportOpt,
+    InputShapeOpt,
+    MeanOpt,
+    RecipeOpt,
+    SetOpt,
+    StdOpt,
+    TrustOpt,
+)
 from tncompress.cli.render import plan_json, plan_table, print_budget, print_notes, totals_line
 
 
@@ -22,6 +35,11 @@ def plan(
     imports: list[str] = ImportOpt,
     trust_pickle: bool = TrustOpt,
     input_shape: str = InputShapeOpt,
+    calibration_data: str = CalibrationDataOpt,
+    calibration_size: int = CalibrationSizeOpt,
+    data_dir: str = DataDirOpt,
+    mean: str = MeanOpt,
+    std: str = StdOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Dry run: which rule picks each layer, method, modes, ranks, params and MACs before and after."""
@@ -32,7 +50,9 @@ def plan(
     rec = load_recipe(recipe, overrides or [])
     loaded = load_input(checkpoint, arch, arch_args, imports, trust_pickle, input_shape)
     shape = input_shape_of(loaded, input_shape)
-    layers = make_plan(loaded.model, rec, shape)
+    images, _ = calibration_input(loaded, calibration_data, calibration_size, data_dir,
+                                  parse_floats(mean, "--mean"), parse_floats(std, "--std"))
+    layers = make_plan(loaded.model, rec, shape, images)
     budget = layers.budget
     if as_json:
         sys.stdout.write(plan_json(layers, {"input": str(checkpoint), "recipe": str(recipe), "input_shape": shape,

@@ -8,8 +8,8 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from tncompress.cli.common import app, console, err_console, handle_errors, input_shape_of, load_input
-from tncompress.cli.options import ArchArgOpt, ArchOpt, DataDirOpt, ImportOpt, InputShapeOpt, TrustOpt
+from tncompress.cli.common import app, console, err_console, handle_errors, input_shape_of, load_input, parse_floats
+from tncompress.cli.options import ArchArgOpt, ArchOpt, DataDirOpt, ImportOpt, InputShapeOpt, MeanOpt, StdOpt, TrustOpt
 from tncompress.errors import EXIT_GATE, TncompressError
 
 
@@ -34,6 +34,8 @@ def report(
     device: str = typer.Option("cpu", "--device", help="Device for latency and accuracy: cpu or cuda."),
     dataset: str = typer.Option(None, "--dataset", "-d", help="Add top-1 / top-5 accuracy on this dataset's test split."),
     data_dir: str = DataDirOpt,
+    mean: str = MeanOpt,
+    std: str = StdOpt,
     limit_test: int = typer.Option(None, "--limit-test", min=1, help="Evaluate on the first N test images only."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Evaluation batch size."),
     gates: list[str] = typer.Option(None, "--gate", help="CI gate METRIC OP NUMBER, checked on every model after the "
@@ -69,7 +71,8 @@ def report(
     if dataset is not None:
         from tncompress.finetune import DataOptions
 
-        data = DataOptions(dataset, data_dir, limit_test=limit_test)
+        data = DataOptions(dataset, data_dir, mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
+                           limit_test=limit_test)
     rep = build_report(loaded, ReportOptions(shape, latency, latency_batch, device, data, batch_size,
                                              channels_last=channels_last))
     gate_results = evaluate_gates(parsed_gates, rep)

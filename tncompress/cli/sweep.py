@@ -6,7 +6,7 @@ from typing import Any
 
 import typer
 
-from tncompress.cli.common import app, console, err_console, handle_errors, load_input, torch_seed
+from tncompress.cli.common import app, console, err_console, handle_errors, load_input, parse_floats, torch_seed
 from tncompress.cli.options import (
     ArchArgOpt,
     ArchOpt,
@@ -17,9 +17,11 @@ from tncompress.cli.options import (
     InputShapeOpt,
     LimitTestOpt,
     LimitTrainOpt,
+    MeanOpt,
     RecipeOpt,
     SeedOpt,
     SetOpt,
+    StdOpt,
     TrainDeviceOpt,
     TrustOpt,
 )
@@ -38,6 +40,8 @@ def sweep(
         None, "--budgets", help="Whole-model budgets to try, e.g. 0.5,0.2,0.1 (params_ratio) or macs:0.5."),
     dataset: str = DatasetOpt,
     data_dir: str = DataDirOpt,
+    mean: str = MeanOpt,
+    std: str = StdOpt,
     finetune_epochs: int = typer.Option(
         0, "--finetune-epochs", min=0, help="Short fine-tune of each point (distilled from the dense model)."),
     lr: float = typer.Option(0.01, "--lr", help="Fine-tune learning rate."),
@@ -69,7 +73,9 @@ def sweep(
         raise TncompressError(f"--calibration must be data or noise, got {calibration!r}")
     points = parse_points(ranks, budgets)
     loaded = load_input(checkpoint, arch, arch_args, imports, trust_pickle, input_shape)
-    data = DataOptions(dataset, data_dir, limit_train=limit_train, limit_test=limit_test)
+    data = DataOptions(
+        dataset, data_dir, mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
+        limit_train=limit_train, limit_test=limit_test)
     options = SweepOptions(data, finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, device=device,
                            seed=seed, calibration=calibration)
 

@@ -7,7 +7,7 @@ from typing import Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tncompress.cli.common import app, console, err_console, handle_errors, load_input, model_spec, torch_seed
+from tncompress.cli.common import app, console, err_console, handle_errors, load_input, model_spec, parse_floats, torch_seed
 from tncompress.cli.options import (
     AmpOpt,
     ArchArgOpt,
@@ -21,11 +21,13 @@ from tncompress.cli.options import (
     LabelSmoothingOpt,
     LimitTestOpt,
     LimitTrainOpt,
+    MeanOpt,
     MomentumOpt,
     OptimizerOpt,
     ResumeOpt,
     ScheduleOpt,
     SeedOpt,
+    StdOpt,
     TrainDeviceOpt,
     TrustOpt,
     WeightDecayOpt,
@@ -96,6 +98,8 @@ def train(
     dataset: str = DatasetOpt,
     output: Path = typer.Option(..., "--output", "-o", help="Checkpoint to write (a tncompress checkpoint)."),
     data_dir: str = DataDirOpt,
+    mean: str = MeanOpt,
+    std: str = StdOpt,
     epochs: int = typer.Option(10, "--epochs", min=1),
     batch_size: int = BatchSizeOpt,
     optimizer: str = OptimizerOpt,
@@ -126,8 +130,8 @@ def train(
     loaded = LoadedModel(model, spec, "fresh", "")
     config = _train_options(epochs, batch_size, optimizer, lr, weight_decay, momentum, warmup, schedule,
                             label_smoothing, amp, device, seed, 0.0, 4.0, grad_clip)
-    data = DataOptions(dataset, data_dir, augment=augment, limit_train=limit_train, limit_test=limit_test,
-                       num_workers=workers)
+    data = DataOptions(dataset, data_dir, mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
+                       augment=augment, limit_train=limit_train, limit_test=limit_test, num_workers=workers)
     _run_training(loaded, output, data, config, None, resume, {"source": None, "source_kind": "fresh"})
 
 
@@ -146,6 +150,8 @@ def finetune(
     imports: list[str] = ImportOpt,
     trust_pickle: bool = TrustOpt,
     data_dir: str = DataDirOpt,
+    mean: str = MeanOpt,
+    std: str = StdOpt,
     epochs: int = typer.Option(5, "--epochs", min=1),
     batch_size: int = BatchSizeOpt,
     optimizer: str = OptimizerOpt,
@@ -179,8 +185,8 @@ def finetune(
     torch_seed(seed)
     config = _train_options(epochs, batch_size, optimizer, lr, weight_decay, momentum, warmup, schedule,
                             label_smoothing, amp, device, seed, kd_weight, kd_temperature, grad_clip)
-    data = DataOptions(dataset, data_dir, augment=augment, limit_train=limit_train, limit_test=limit_test,
-                       num_workers=workers)
+    data = DataOptions(dataset, data_dir, mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
+                       augment=augment, limit_train=limit_train, limit_test=limit_test, num_workers=workers)
     _run_training(loaded, output, data, config, teacher_model, resume,
                   {"source": str(checkpoint), "source_kind": loaded.kind,
                    "teacher": str(teacher) if teacher is not None else None})
