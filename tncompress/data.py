@@ -886,14 +886,14 @@ def _scan_split(title: str, folder: Path, dirs: list[str]) -> tuple[tuple[str, .
     classes = tuple(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
     if not classes:
         loose = sum(1 for e in entries if _is_image_name(e.name))
-        where = f"it holds {loose:,} images directly: " if loose else ""
+        where = f"it holds {loose:,} image{'s' if loose != 1 else ''} directly: " if loose else ""
         raise DatasetError(f"{title}: {folder} has no class folders; {where}put each class's images in a "
                            f"sub-folder named after the class ({folder}/<class>/<images>)")
     files: dict[str, list[str]] = {}
     for name in classes:
         found, others, other_name = _class_files(title, str(folder / name), dirs)
         if not found:
-            also = f" (it holds {others:,} other files, e.g. {other_name})" if others else ""
+            also = f" (it holds {others:,} other file{'s' if others != 1 else ''}, e.g. {other_name})" if others else ""
             raise DatasetError(f"{title}: class {name!r} of {folder.name}/ has no images{also}: {folder / name}; "
                                f"images are files ending in {' '.join(FOLDER_SUFFIXES)}")
         files[name] = found
