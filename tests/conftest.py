@@ -126,3 +126,15 @@ CONV_GEOMETRIES = [
     # 1×1 kernels: stride and padding move into the first 1×1 conv (see split_geometry)
     pytest.param((1, 1), dict(stride=2, padding=1, padding_mode="reflect"), id="1x1-stride-pad"),
 ]
+
+
+def one_line(exc: pytest.ExceptionInfo, *needles: str) -> str:
+    """A library error that is one TncompressError line mentioning each needle; returns the message."""
+    from tncompress.errors import TncompressError
+
+    message = str(exc.value)
+    assert isinstance(exc.value, TncompressError)
+    assert "\n" not in message and "Traceback" not in message, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+    return message

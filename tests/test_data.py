@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import one_line
 
 from tncompress import data as D
-from tncompress.errors import TncompressError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CANDIDATES = [ROOT.parent / "shared" / "data", Path("/work/shared/data")]
@@ -37,15 +37,6 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.delenv(D.ENV_DATA, raising=False)
     monkeypatch.delenv(D.ENV_NO_DOWNLOAD, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-
-
-def one_line(exc: pytest.ExceptionInfo, *needles: str) -> str:
-    message = str(exc.value)
-    assert isinstance(exc.value, TncompressError)
-    assert "\n" not in message and "Traceback" not in message, message
-    for needle in needles:
-        assert needle in message, (needle, message)
-    return message
 
 
 # ---------------------------------------------------------------------------------------------

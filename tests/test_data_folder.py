@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import one_line
 from PIL import Image
 
 from tncompress import data as D
-from tncompress.errors import TncompressError
 
 SHARED_CIFAR_JPEG = Path("/work/shared/data/cifar10-jpeg")
 CLASSES = ["b_dog", "a_cat", "c_emu"]  # written unsorted: labels must follow the sorted order
@@ -26,15 +26,6 @@ def fresh_caches(monkeypatch):
     D.clear_folder_cache()
     yield
     D.clear_folder_cache()
-
-
-def one_line(exc: pytest.ExceptionInfo, *needles: str) -> str:
-    message = str(exc.value)
-    assert isinstance(exc.value, TncompressError)
-    assert "\n" not in message and "Traceback" not in message, message
-    for needle in needles:
-        assert needle in message, (needle, message)
-    return message
 
 
 def pattern(seed: int, size: int | tuple[int, int] = 8) -> np.ndarray:
