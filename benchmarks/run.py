@@ -25,13 +25,16 @@ PARTS = {
     # needs MNIST under $TNCOMPRESS_DATA (the Makefile points it at ../shared/data); about 25 minutes
     "mnist": [sys.executable, str(HERE / "mnist_tt.py"), "--augment", "--epochs-ft", "20", "--lr-ft", "0.02",
               "--out", "docs/mnist-tt"],
-    # needs ../shared (the published ResNets and the CIFAR-10 JPEG copy); about 15 minutes per model
-    "real": [sys.executable, str(HERE / "real_models.py"), "--out", "docs/real-models"],
+    # needs MNIST under $TNCOMPRESS_DATA; about 3 minutes
+    "aware": [sys.executable, str(HERE / "mnist_data_aware.py"), "--out", "docs/mnist-data-aware"],
+    # needs ../shared (the published ResNets and the CIFAR-10 JPEG copy); about 25 (ResNet-20) + 40 (ResNet-32) minutes
+    "real": [sys.executable, str(HERE / "real_models.py"), "--out", "docs/real-models", "--finetune-epochs", "1",
+             "--finetune-images", "10000"],
 }
 # Part → the Markdown file it writes (embedded in benchmarks.md in this order).
 SECTIONS = [("layers", "layer-speed-cpu.md"), ("layers", "layer-speed-cuda.md"), ("convs", "conv-speed-cpu.md"),
             ("convs", "conv-speed-cuda.md"), ("recipes", "results.md"), ("decompose", "decompose-time.md"),
-            ("mnist", "mnist-tt.md"), ("real", "real-models.md")]
+            ("mnist", "mnist-tt.md"), ("aware", "mnist-data-aware.md"), ("real", "real-models.md")]
 
 
 # Latency parts run with OpenMP's default wait policy, as a deployed model does; the Makefile's

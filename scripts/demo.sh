@@ -57,7 +57,7 @@ if [[ -f "$R20" && -d "$CIFAR/train" ]]; then
   "$TNC" decompose "$R20" "${R20ARCH[@]}" "${NORM[@]}" --recipe configs/resnet-cifar-tucker-data.yaml \
     --calibration-data "folder:$CIFAR" --calibration-size "${DEMO_CALIBRATION:-512}" -o "$OUT/r20-tucker.pt"
   "$TNC" finetune "$OUT/r20-tucker.pt" --dataset "folder:$CIFAR" --epochs 1 --limit-train "${DEMO_R20_TRAIN:-2500}" \
-    --lr 0.01 --teacher "$R20" "${R20ARCH[@]:0:4}" --limit-test 2000 -o "$OUT/r20-tucker-ft.pt"
+    --lr 0.003 --teacher "$R20" "${R20ARCH[@]:0:4}" --limit-test 2000 -o "$OUT/r20-tucker-ft.pt"
   "$TNC" report "$R20" "$OUT/r20-tucker.pt" "$OUT/r20-tucker-ft.pt" "${R20ARCH[@]}" "${NORM[@]}" \
     --dataset "folder:$CIFAR" --limit-test 2000
 else

@@ -10,7 +10,7 @@ import tncompress
 from tncompress import data_aware
 from tncompress.apply import rel_error
 from tncompress.errors import RecipeError
-from tncompress.layers import LowRankLinear, Tucker2Conv2d
+from tncompress.layers import LowRankLinear, TTLinear, Tucker2Conv2d
 from tncompress.recipe import parse_recipe
 
 
@@ -94,6 +94,51 @@ def test_output_refit_is_the_least_squares_optimum():
         assert rel_error(target, layer(x)) >= after - 1e-9
 
 
+def test_core_refit_is_exact_at_full_rank_from_random_factors():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1).double()
+    model = nn.Sequential(conv)
+    x = torch.randn(12, 4, 9, 9, dtype=torch.float64)
+    layer = Tucker2Conv2d(4, 6, 3, ranks=(4, 6), stride=2, padding=1, dtype=torch.float64)  # random factors
+    with torch.no_grad():  # a random but well-conditioned input map (the ridge is relative to the mean eigenvalue)
+        layer.pointwise_in.weight.copy_(torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))[0].view(4, 4, 1, 1))
+    assert data_aware.refit_core(layer, model, model, "0", x) == 12 * 5 * 5
+    data_aware.refit_output(layer, model, model, "0", x, conv=True)
+    with torch.no_grad():
+        assert rel_error(conv(x), layer(x)) < 1e-5  # exact but for the 1e-6 relative ridge
+
+
+def test_core_refit_is_the_joint_optimum_of_core_and_output_map():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 8, 3, padding=1).double()
+    model = nn.Sequential(conv)
+    x = torch.randn(16, 5, 6, 6, dtype=torch.float64)
+    layer = Tucker2Conv2d.from_dense(conv, ranks=(3, 3))
+    with torch.no_grad():
+        target = conv(x)
+    data_aware.refit_output(layer, model, model, "0", x, conv=True)
+    with torch.no_grad():
+        output_only = rel_error(target, layer(x))
+    data_aware.refit_core(layer, model, model, "0", x)
+    data_aware.refit_output(layer, model, model, "0", x, conv=True)
+    with torch.no_grad():
+        joint = rel_error(target, layer(x))
+        assert joint < output_only - 1e-3
+        # a reduced-rank regression is a global optimum: no nudge of the core and the last map helps
+        for _ in range(5):
+            state = {k: v.clone() for k, v in layer.state_dict().items()}
+            layer.core.weight.add_(1e-3 * torch.randn_like(layer.core.weight))
+            layer.pointwise_out.weight.add_(1e-3 * torch.randn_like(layer.pointwise_out.weight))
+            assert rel_error(target, layer(x)) >= joint - 1e-9
+            layer.load_state_dict(state)
+
+
+def test_core_refit_declines_a_core_that_pads_other_than_with_zeros():
+    conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular")
+    layer = Tucker2Conv2d.from_dense(conv, ranks=(2, 2))
+    assert data_aware.refit_core(layer, nn.Sequential(conv), nn.Sequential(conv), "0", torch.randn(2, 3, 5, 5)) is None
+
+
 def test_batchnorm_is_reestimated_on_the_calibration_images():
     torch.manual_seed(0)
     model = ConvNet().eval()
@@ -126,10 +171,50 @@ def test_data_aware_convs_beat_data_free_on_the_calibration_batch():
         assert aware.model_output_error < free.model_output_error, method
 
 
+def _kronecker_correlated(n: int, modes: list[int], seed: int = 0) -> torch.Tensor:
+    """Inputs whose second moment is exactly Kronecker-structured: x = (A_1 ⊗ A_2) z, anisotropic A_k."""
+    g = torch.Generator().manual_seed(seed)
+    mixes = [torch.randn(m, m, generator=g) * torch.logspace(0, -2, m).unsqueeze(0) for m in modes]
+    return torch.randn(n, *modes, generator=g).reshape(n, -1) @ torch.kron(*mixes).T
+
+
+def test_kronecker_whitening_round_trip_is_exact_at_full_tt_rank():
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 32).double()
+    x = _kronecker_correlated(64, [4, 6]).double()
+    model = nn.Sequential(linear)
+    factors = data_aware.kronecker_whitening(model, "0", x, [4, 6])
+    assert [f.factor.shape for f in factors] == [(4, 4), (6, 6)] and factors[0].samples == 64
+    whitened = data_aware.kronecker_whitened_copy(linear, factors, [4, 6])
+    kron = torch.kron(factors[0].factor, factors[1].factor)
+    assert torch.allclose(whitened.weight, linear.weight @ kron, atol=1e-12)
+    layer = TTLinear.from_dense(whitened, ranks=None, in_modes=[4, 6], out_modes=[4, 8])
+    data_aware.kronecker_unwhiten(layer, factors)
+    with torch.no_grad():
+        assert rel_error(linear(x), layer(x)) < 1e-9
+        norms = [float(c.norm()) for c in layer.cores]
+        assert max(norms) / min(norms) < 1 + 1e-9  # the scale is spread evenly again
+
+
+def test_data_aware_tt_has_lower_output_error_on_kronecker_correlated_inputs():
+    torch.manual_seed(0)
+    model = MLP().eval()
+    x = _kronecker_correlated(512, [4, 6])
+    rule = {"name": "0", "method": "tt", "in_modes": [4, 6], "out_modes": [4, 8], "rank": 3}
+    plans = {}
+    for aware in (False, True):
+        recipe = parse_recipe({"version": 1, "layers": [{**rule, **({"data_aware": True} if aware else {})}],
+                               "exclude": ["2", "4"]})
+        result = tncompress.decompose(model, recipe, input_shape=[1, 24], calibration_input=x, allow_error=True)
+        (plans[aware],) = [p for p in result.plan if p.action == "decompose"]
+    assert plans[True].output_rel_error < 0.7 * plans[False].output_rel_error
+    assert any("whitened per mode [4, 6]" in n for n in plans[True].notes)
+
+
 def test_data_aware_on_a_layer_without_linear_ends_says_so():
     model = MLP().eval()
-    recipe = parse_recipe({"version": 1, "layers": [{"name": "0", "method": "tt", "in_modes": [4, 6],
-                                                      "out_modes": [4, 8], "rank": 2, "data_aware": True}],
+    recipe = parse_recipe({"version": 1, "layers": [{"name": "0", "method": "prodsum", "terms": 40,
+                                                      "data_aware": True}],
                            "exclude": ["2", "4"]})
     result = tncompress.decompose(model, recipe, input_shape=[1, 24], calibration_input=_correlated(32, 24),
                                   allow_error=True)

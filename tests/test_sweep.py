@@ -84,6 +84,23 @@ def test_sweep_with_finetune_records_both_accuracies(cli, tmp_path, dense, write
     assert row["finetune_epochs"] == "1" and row["top1_decomposed"] and float(row["finetune_seconds"]) > 0
 
 
+def test_sweep_calibration_size_is_used_recorded_and_checked(cli, tmp_path, dense, write_recipe):
+    recipe, out = write_recipe(RECIPE), tmp_path / "calib"
+    res = cli("sweep", dense, "--arch", "mlp-1024", "-r", recipe, "--ranks", "2", "-d", "synthetic",
+              "--calibration-size", "24", "-o", out, *FAST)
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "sweep.json").read_text())
+    (point,) = data["points"]
+    assert data["settings"]["calibration_size"] == 24 and point["calibration_images"] == 24
+    assert point["calibration"].endswith("train, 24 images")
+    # a resume with another calibration size is refused, not mixed in
+    assert_user_error(cli("sweep", dense, "--arch", "mlp-1024", "-r", recipe, "--ranks", "2", "-d", "synthetic",
+                          "--calibration-size", "32", "-o", out, *FAST), "other settings", "calibration_size")
+    assert_user_error(cli("sweep", dense, "--arch", "mlp-1024", "-r", recipe, "--ranks", "2", "-d", "synthetic",
+                          "--calibration", "noise", "--calibration-size", "8", "-o", tmp_path / "n", *FAST),
+                      "--calibration-size needs --calibration data")
+
+
 def test_points_parse_and_errors():
     assert [p.label for p in parse_points("1,4", "0.1,macs:0.5")] == ["r=1", "r=4", "params=0.1", "macs=0.5"]
     for ranks, budgets, needle in [(None, None, "give the points"), ("1,x", None, "positive integer"),

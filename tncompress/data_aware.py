@@ -9,6 +9,8 @@ Three steps, each a plain function of tensors and modules (the apply step calls 
   channel model), so the method decomposes the *whitened* weight and the first factor is mapped
   back through ``L⁻¹`` (as SVD-LLM's truncation-aware whitening, here for any method whose layer
   starts with a linear map of the inputs);
+* **core refit** (Tucker-2) — the core and the subspace of its outputs re-solved together as a
+  reduced-rank regression from the core's input patches to the dense layer's output;
 * **output refit** — the last linear map and bias re-solved by ridge least squares so the layer's
   output on the *compressed* model's own inputs matches the *dense* layer's output on the dense
   model's inputs (the asymmetric reconstruction of Zhang et al. 2015), which also absorbs the
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -105,7 +108,11 @@ def input_whitening(model: nn.Module, name: str, batch: Tensor, conv: bool) -> W
         second = f.T @ f if second is None else second + f.T @ f
         count += f.shape[0]
     assert second is not None
-    second /= max(count, 1)
+    return _cholesky(second / max(count, 1), count)
+
+
+def _cholesky(second: Tensor, count: int) -> Whitening:
+    """``second + ridge = L Lᵀ``, the ridge grown from RIDGE × mean eigenvalue until it factors."""
     n = second.shape[0]
     scale = float(torch.trace(second)) / n if n else 1.0
     ridge = RIDGE * (scale if scale > 0 else 1.0)
@@ -145,6 +152,53 @@ def unwhiten(layer: FactorizedLayer, whitening: Whitening) -> None:
         first.copy_(back.to(first.dtype))
 
 
+def kronecker_whitening(model: nn.Module, name: str, batch: Tensor, modes: list[int]) -> list[Whitening]:
+    """Per-mode whitenings of a Linear layer's inputs split into ``modes`` (C order): the second
+    moment is approximated by the Kronecker product ``C_1 ⊗ … ⊗ C_d`` of the mode-wise moments
+    ``C_k = E[X_(k) X_(k)ᵀ]`` (X_(k): the input reshaped to ``modes`` and unfolded along mode k), so
+    its Cholesky factor ``L_1 ⊗ … ⊗ L_d`` maps into each TT core separately. The overall scale of
+    the product is irrelevant: it cancels when the factors are mapped back."""
+    seconds: list[Tensor] | None = None
+    count = 0
+    for part in chunks(batch):
+        f = _features(layer_io(model, name, part, want="input"), False)
+        if f.shape[1] != math.prod(modes):
+            raise RuntimeError(f"layer {name}: {f.shape[1]} input features do not split into modes {modes}")
+        x = f.reshape(f.shape[0], *modes)
+        moments = []
+        for k in range(len(modes)):
+            unfolded = x.movedim(k + 1, 1).reshape(f.shape[0], modes[k], -1)
+            moments.append(torch.einsum("bip,bjp->ij", unfolded, unfolded))
+        seconds = moments if seconds is None else [a + b for a, b in zip(seconds, moments)]
+        count += f.shape[0]
+    assert seconds is not None
+    return [_cholesky(second / max(count, 1), count) for second in seconds]
+
+
+def kronecker_whitened_copy(linear: nn.Module, factors: list[Whitening], modes: list[int]) -> nn.Module:
+    """A copy of ``linear`` whose weight acts on Kronecker-whitened inputs: ``W (L_1 ⊗ … ⊗ L_d)``."""
+    copy_ = copy.deepcopy(linear)
+    weight = copy_.weight
+    assert isinstance(weight, Tensor)
+    with torch.no_grad():
+        w = weight.double().reshape(weight.shape[0], *modes)
+        for k, whitening in enumerate(factors):
+            L = whitening.factor.to(w.device)
+            w = torch.tensordot(w, L, dims=([k + 1], [0])).movedim(-1, k + 1)
+        weight.copy_(w.reshape(weight.shape).to(weight.dtype))
+    return copy_
+
+
+def kronecker_unwhiten(layer: FactorizedLayer, factors: list[Whitening]) -> None:
+    """Map each input mode of a layer decomposed from a :func:`kronecker_whitened_copy` back: ``× L_k⁻¹``."""
+    inverses = []
+    for whitening in factors:
+        L = whitening.factor
+        inverses.append(torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype, device=L.device),
+                                                      upper=False))
+    layer.map_input_modes(inverses)
+
+
 def refit_output(layer: FactorizedLayer, model: nn.Module, dense_model: nn.Module, name: str, batch: Tensor,
                  conv: bool) -> int:
     """Re-solve ``layer``'s last linear map and bias (ridge least squares, float64) so that, on the
@@ -177,6 +231,48 @@ def refit_output(layer: FactorizedLayer, model: nn.Module, dense_model: nn.Modul
         weight.copy_(solution[:rank].T.to(weight.dtype))
         if bias is not None:
             bias.copy_(solution[rank].to(bias.dtype))
+    return count
+
+
+def refit_core(layer: FactorizedLayer, model: nn.Module, dense_model: nn.Module, name: str,
+               batch: Tensor) -> int | None:
+    """Re-solve the middle factor of a layer that exposes :meth:`FactorizedLayer.core_patches`
+    (Tucker-2's core) together with the subspace of its outputs, as a reduced-rank regression
+    (float64): the full least-squares map ``B`` from the core's input patches (on the compressed
+    model's own inputs) to the dense layer's outputs, then the ``r_out`` leading principal directions
+    ``P`` of the fitted outputs ``Bᵀ G B``; the core becomes ``Pᵀ B``. The caller then refits the last
+    map and bias (:func:`refit_output`). Returns the number of pixels fitted, or None when the layer
+    has no such core."""
+    gram: Tensor | None = None
+    cross: Tensor | None = None
+    count = 0
+    core_weight: Tensor | None = None
+    for part in chunks(batch):
+        x = layer_io(model, name, part, want="input")
+        with torch.no_grad():
+            found = layer.core_patches(x)
+        if found is None:
+            return None
+        rows, core_weight = found
+        z = rows.double()
+        z = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)], dim=1)
+        target = _features(layer_io(dense_model, name, part, want="output"), True)
+        if target.shape[0] != z.shape[0]:
+            raise RuntimeError(f"layer {name}: the factorized layer's output has another shape than the dense one")
+        gram = z.T @ z if gram is None else gram + z.T @ z
+        cross = z.T @ target if cross is None else cross + z.T @ target
+        count += z.shape[0]
+    if gram is None or cross is None or core_weight is None:
+        return None
+    n = gram.shape[0]
+    ridge = RIDGE * max(float(torch.trace(gram)) / n, 1e-30)
+    full = torch.linalg.solve(gram + ridge * torch.eye(n, dtype=gram.dtype, device=gram.device), cross)
+    fitted = full.T @ gram @ full  # second moment of the fitted outputs, (cout, cout)
+    _, vectors = torch.linalg.eigh((fitted + fitted.T) / 2)
+    rank = core_weight.shape[0]
+    directions = vectors[:, -rank:]  # (cout, r_out), leading eigenvectors
+    with torch.no_grad():
+        core_weight.copy_((full[:-1] @ directions).T.to(core_weight.dtype))
     return count
 
 

@@ -56,6 +56,7 @@ class SweepOptions:
     device: str = "auto"
     seed: int = 0
     calibration: str = "data"       # "data": training images; "noise": the recipe's Gaussian batch
+    calibration_size: int | None = None  # training images for "data" (None: the recipe's calibration.batch_size)
 
 
 def parse_points(ranks: str | None, budgets: str | None) -> list[SweepPoint]:
@@ -169,7 +170,8 @@ def run_sweep(loaded: LoadedModel, recipe_path: str | Path, points: Sequence[Swe
                 "dataset": options.data.name, "dataset_title": dataset_info(options.data.name).title,
                 "limit_test": options.data.limit_test,
                 "limit_train": options.data.limit_train, "finetune_epochs": options.finetune_epochs,
-                "calibration": options.calibration, "input_shape": shape, "seed": options.seed}
+                "calibration": options.calibration, "calibration_size": options.calibration_size,
+                "input_shape": shape, "seed": options.seed}
     results: dict[str, Any] = {"schema_version": 1, "settings": settings, "baseline": None, "points": []}
     existing = out_dir / "sweep.json"
     if existing.exists():
@@ -177,7 +179,8 @@ def run_sweep(loaded: LoadedModel, recipe_path: str | Path, points: Sequence[Swe
             previous = json.loads(existing.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise TncompressError(f"{existing}: cannot read the previous results ({exc}); move it away to start afresh") from None
-        differs = [k for k in ("recipe_sha", "dataset", "limit_test", "finetune_epochs", "calibration", "model_path")
+        differs = [k for k in ("recipe_sha", "dataset", "limit_test", "finetune_epochs", "calibration",
+                               "calibration_size", "model_path")
                    if previous.get("settings", {}).get(k) != settings[k]]
         if differs:
             raise TncompressError(f"{existing} holds a sweep with other settings ({', '.join(differs)} differ); "
@@ -192,11 +195,13 @@ def run_sweep(loaded: LoadedModel, recipe_path: str | Path, points: Sequence[Swe
                                "top5": metrics["top5"], "loss": metrics["loss"], "images": metrics["images"]}
     emit("baseline", results["baseline"])
 
-    calibration = None
+    calibration, source = None, None
     if options.calibration == "data":
         calib = calibration_settings(recipe)
-        calibration = calibration_from_dataset(loaded, options.data, calib["batch_size"], calib["seed"])
+        count = options.calibration_size or calib["batch_size"]
+        calibration = calibration_from_dataset(loaded, options.data, count, calib["seed"])
         calibration = calibration.to(dtype=x.dtype)
+        source = f"{dataset_info(options.data.name).title} train, {calibration.shape[0]:,} images"
     done = {row["point"] for row in results["points"]}
     for point in points:
         if point.label in done:
@@ -205,11 +210,13 @@ def run_sweep(loaded: LoadedModel, recipe_path: str | Path, points: Sequence[Swe
         emit("start", {"point": point.label})
         started = time.perf_counter()
         result = decompose(model, recipes[point.label], input_shape=shape, calibration_input=calibration,
-                           allow_error=True)
+                           calibration_source=source, allow_error=True)
         small = result.model
         row: dict[str, Any] = {"point": point.label, "kind": point.kind, "value": point.value,
                                "decompose_seconds": round(time.perf_counter() - started, 3),
                                "model_output_error": result.calibration.get("model_output_error"),
+                               "calibration": result.calibration.get("kind"),
+                               "calibration_images": result.calibration.get("samples"),
                                "ranks": _ranks_summary(result.plan), "finetune_epochs": options.finetune_epochs}
         if result.budget:
             row["budget_achieved_ratio"] = result.budget["achieved_ratio"]

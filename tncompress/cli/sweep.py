@@ -50,6 +50,9 @@ def sweep(
         "data", "--calibration",
         help="data (training images) or noise (the recipe's Gaussian batch): "
              "what the decomposition and a budget's sensitivity scan are measured on."),
+    calibration_size: int = typer.Option(
+        None, "--calibration-size", min=1,
+        help="Training images to calibrate on with --calibration data (default: the recipe's calibration.batch_size)."),
     limit_train: int = LimitTrainOpt,
     limit_test: int = LimitTestOpt,
     device: str = TrainDeviceOpt,
@@ -71,13 +74,15 @@ def sweep(
 
     if calibration not in ("data", "noise"):
         raise TncompressError(f"--calibration must be data or noise, got {calibration!r}")
+    if calibration_size is not None and calibration == "noise":
+        raise TncompressError("--calibration-size needs --calibration data (noise is the recipe's Gaussian batch)")
     points = parse_points(ranks, budgets)
     loaded = load_input(checkpoint, arch, arch_args, imports, trust_pickle, input_shape)
     data = DataOptions(
         dataset, data_dir, mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
         limit_train=limit_train, limit_test=limit_test)
     options = SweepOptions(data, finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, device=device,
-                           seed=seed, calibration=calibration)
+                           seed=seed, calibration=calibration, calibration_size=calibration_size)
 
     def on_event(event: str, payload: dict[str, Any]) -> None:
         if event == "baseline":

@@ -130,6 +130,23 @@ class FactorizedLayer(nn.Module):
         """What the last linear map receives for input ``x`` (features on dim 1 for convs, last dim else)."""
         raise NotImplementedError(f"{type(self).__name__} has no output projection")
 
+    @classmethod
+    def input_kronecker_modes(cls, module: nn.Module, config: dict[str, Any]) -> list[int] | None:
+        """For layers whose input side is a product of per-mode maps (TT-matrix cores): the input
+        modes ``module`` would be split into with ``config``, so the inputs can be whitened by a
+        Kronecker-factored second moment; None otherwise."""
+        return None
+
+    def map_input_modes(self, maps: list[Tensor]) -> None:
+        """Multiply each input mode of the factors by ``maps[k]`` (``n_k × n_k``), in place."""
+        raise NotImplementedError(f"{type(self).__name__} has no input modes")
+
+    def core_patches(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """For layers whose middle factor is a full linear map of local patches (Tucker-2's core):
+        (patches as rows (samples·pixels, patch features), that factor's weight viewed as
+        (rank_out, patch features)), so the factor can be refit by least squares; None otherwise."""
+        return None
+
     def train(self, mode: bool = True) -> FactorizedLayer:
         if mode:
             self.unmerge()

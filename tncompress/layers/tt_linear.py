@@ -283,6 +283,30 @@ class TTLinear(FactorizedLayer):
                 layer.bias.copy_(linear.bias.detach())
         return layer
 
+    @classmethod
+    def input_kronecker_modes(cls, module: nn.Module, config: dict[str, Any]) -> list[int] | None:
+        """The input modes ``module`` is split into (the cores' ``n_k``), for Kronecker whitening."""
+        if not isinstance(module, nn.Linear):
+            return None
+        in_m, _ = cls._resolve_modes(module.in_features, module.out_features, config.get("in_modes"),
+                                     config.get("out_modes"))
+        return in_m
+
+    def map_input_modes(self, maps: list[Tensor]) -> None:
+        """``G_k[a, m, j, b] ← Σ_n G_k[a, m, n, b] · maps[k][n, j]`` (float64), then the cores' scale is
+        spread evenly again as in :meth:`from_dense`."""
+        if len(maps) != len(self.cores):
+            raise RankError(f"expected {len(self.cores)} input-mode maps, got {len(maps)}")
+        with torch.no_grad():
+            mapped = [torch.einsum("amnb,nj->amjb", core.double(), m.to(core.device, torch.float64))
+                      for core, m in zip(self.cores, maps)]
+            norms = [float(torch.linalg.norm(c)) for c in mapped]
+            if all(n > 0.0 for n in norms):
+                target = math.exp(sum(math.log(n) for n in norms) / len(norms))
+                mapped = [c * (target / n) for c, n in zip(mapped, norms)]
+            for param, core in zip(self.cores, mapped):
+                param.copy_(core.to(param.dtype))
+
     # ------------------------------------------------------------------ contract helpers
 
     def config(self) -> dict[str, Any]:

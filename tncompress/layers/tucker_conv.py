@@ -135,6 +135,18 @@ class Tucker2Conv2d(FactorizedConv2d):
     def conv_chain(self) -> list[nn.Conv2d]:
         return [self.pointwise_in, self.core, self.pointwise_out]
 
+    def core_patches(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The core's input patches (unfolded after the first 1×1) and its weight as (r_out, r_in·kh·kw);
+        None when the core pads other than with zeros (its patches are then not an unfold)."""
+        core = self.core
+        if core.padding_mode != "zeros" or isinstance(core.padding, str) or core.groups != 1:
+            return None
+        u = self.pointwise_in(x)
+        patches = torch.nn.functional.unfold(u, core.kernel_size, dilation=core.dilation, padding=core.padding,
+                                             stride=core.stride)  # (N, r_in·kh·kw, L)
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        return rows, core.weight.view(core.out_channels, -1)
+
     def dense_kernel(self) -> Tensor:
         """The equivalent (cout, cin, kh, kw) kernel (computed in float64, returned in the
         layer's dtype)."""
