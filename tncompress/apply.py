@@ -175,7 +175,8 @@ def _data_aware(model: nn.Module, dense_model: nn.Module, module: nn.Module, ent
                 bound: float | None) -> tuple[nn.Module, Errors, str]:
     """Factorize with calibration data: decompose the input-whitened weight and map the first factor
     back, then refit the last linear map to the dense layer's output (see :mod:`tncompress.data_aware`).
-    Layers without such ends (TT, product-of-sums) are decomposed from the weights, with a note."""
+    TT layers are whitened per input mode (:func:`_data_aware_kronecker`); layers without linear ends
+    (product-of-sums) are decomposed from the weights, with a note."""
     conv = isinstance(module, nn.Conv2d)
     cls = method.layer_class(module)
     if not data_aware.supports(cls):

@@ -9,6 +9,9 @@ Three steps, each a plain function of tensors and modules (the apply step calls 
   channel model), so the method decomposes the *whitened* weight and the first factor is mapped
   back through ``L⁻¹`` (as SVD-LLM's truncation-aware whitening, here for any method whose layer
   starts with a linear map of the inputs);
+* **Kronecker whitening** (TT) — the same for layers whose input side is a chain of per-mode maps:
+  the second moment approximated by a Kronecker product of mode-wise moments, one Cholesky factor
+  per TT core;
 * **core refit** (Tucker-2) — the core and the subspace of its outputs re-solved together as a
   reduced-rank regression from the core's input patches to the dense layer's output;
 * **output refit** — the last linear map and bias re-solved by ridge least squares so the layer's
