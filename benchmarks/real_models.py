@@ -10,6 +10,7 @@ the dense model as published and the dense model fine-tuned with the same schedu
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -50,6 +51,8 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=0)
     parser.add_argument("--finetune-images", type=int, default=None, help="first N training images (default all)")
     parser.add_argument("--finetune-lr", type=float, default=0.003)
+    parser.add_argument("--teacher", choices=("finetuned", "published"), default="finetuned",
+                        help="distil from the dense model fine-tuned with the same schedule, or from it as published")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -79,10 +82,12 @@ def main() -> None:
         x1 = torch.zeros(1, 3, 32, 32)
         base = {"model": name, "method": "dense", "rate": "1x", "params": count_params(dense),
                 "macs": count_macs(dense, x1).total, "published": evaluate(dense, test)["top1"]}
+        teacher = dense
         if args.finetune_epochs:
-            import copy
             tuned = copy.deepcopy(dense)
             base["finetuned"], base["finetune_s"] = finetune(tuned, None)
+            if args.teacher == "finetuned":
+                teacher = tuned.eval()
         rows.append(base)
         print(base, flush=True)
         calib = calibration_images(loaded, data, args.calibration_size)
@@ -100,7 +105,7 @@ def main() -> None:
                     row[key] = evaluate(result.model, test)["top1"]
                     row["params"], row["macs"] = count_params(result.model), count_macs(result.model, x1).total
                     if aware and args.finetune_epochs:
-                        row["finetuned"], row["finetune_s"] = finetune(result.model, dense)
+                        row["finetuned"], row["finetune_s"] = finetune(result.model, teacher)
                 rows.append(row)
                 print(row, flush=True)
     out = ROOT / args.out
@@ -110,8 +115,9 @@ def main() -> None:
         images = f"the first {args.finetune_images:,}" if args.finetune_images else "all 50,000"
         finetune_text = (f" Fine-tune: {args.finetune_epochs} epoch(s) on {images} training images (fixed class-mixed "
                          f"order, random crop and flip), SGD lr {args.finetune_lr:g} cosine, batch 128; the "
-                         "compressed models start from the data-aware factors and distil from the dense model as "
-                         "published (weight 0.7, T 4); the dense baseline is fine-tuned with the same schedule "
+                         "compressed models start from the data-aware factors and distil from the dense model "
+                         + ("fine-tuned with the same schedule (the baseline row)" if args.teacher == "finetuned"
+                            else "as published") + " (weight 0.7, T 4); the dense baseline is fine-tuned with the same schedule "
                          "without a teacher. Wall times on this machine.")
     lines = [f"# Real pretrained models ({info['summary']})", "",
              "The published CIFAR-10 ResNets (akamaster's files, loaded as published) on CIFAR-10 (JPEG q75 copy), "

@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from tncompress.distributed import Ranks, shard_sampler
 from tncompress.errors import TncompressError
 
 log = logging.getLogger(__name__)
@@ -1439,18 +1440,26 @@ def make_loader(
     num_workers: int = 0,
     device: str | torch.device | None = None,
     drop_last: bool = False,
+    ranks: Ranks | None = None,
 ) -> DataLoader:
     """A DataLoader whose order is fixed by (seed, epoch): same pair, same order; next epoch, new order.
 
     The generator also seeds worker processes, so augmentation is reproducible with
     ``num_workers > 0``; with ``num_workers=0`` augmentation draws from torch's global RNG
-    (``torch.manual_seed`` fixes it). Memory is pinned when ``device`` is a CUDA device.
+    (``torch.manual_seed`` fixes it). Memory is pinned when ``device`` is a CUDA device. With
+    ``ranks`` of a distributed run, the loader yields this rank's shard
+    (:func:`tncompress.distributed.shard_sampler`: a new shared order per epoch when shuffling,
+    every image once when not).
     """
     batch_size = _require_int(batch_size, "batch_size")
     num_workers = _require_int(num_workers, "num_workers", minimum=0)
     generator = torch.Generator()
     generator.manual_seed(_mix_seed(seed, epoch))
     pin = device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
+    if ranks is not None and ranks.enabled:
+        sampler = shard_sampler(len(dataset), ranks, shuffle=shuffle, seed=seed, epoch=epoch)  # type: ignore[arg-type]
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=generator,
+                          num_workers=num_workers or 0, pin_memory=pin, drop_last=drop_last)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       num_workers=num_workers or 0, pin_memory=pin, drop_last=drop_last)
 

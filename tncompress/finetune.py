@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tncompress import distributed
 from tncompress.checkpoint import LoadedModel, check_output_path, save_compressed
 from tncompress.errors import TncompressError
 from tncompress.models import ModelSpec
@@ -126,15 +127,29 @@ def train_and_save(loaded: LoadedModel, output: str | Path, data: DataOptions, c
                    extra_metadata: dict[str, Any] | None = None) -> Any:
     """Train ``loaded.model`` on ``data`` with ``config`` (a :class:`tncompress.train.TrainConfig`),
     keep a resume state beside ``output`` (``<output>.state.pt``) and write ``output`` as a
-    tncompress checkpoint after every epoch (atomically), the last one holding the final weights."""
-    from tncompress.data import dataset_info, load_dataset, make_loader
-    from tncompress.train import resolve_device, train
+    tncompress checkpoint after every epoch (atomically), the last one holding the final weights.
 
+    Started by torchrun, every process runs this: it joins the process group, trains on its shard
+    of each epoch, and rank 0 alone writes ``output`` and the state while the others wait."""
     output = Path(output)
     check_output_path(output)
     if loaded.path and output.resolve() == Path(loaded.path).resolve():
         raise TncompressError(f"--output {output} is the input file; write to a new file")
-    device = resolve_device(config.device)
+    ranks, created = distributed.join(config.device)
+    try:
+        return _train_and_save(loaded, output, data, config, ranks, teacher=teacher, resume=resume,
+                               on_event=on_event if ranks.is_main else None, extra_metadata=extra_metadata)
+    finally:
+        distributed.leave(created)
+
+
+def _train_and_save(loaded: LoadedModel, output: Path, data: DataOptions, config: Any, ranks: distributed.Ranks, *,
+                    teacher: nn.Module | None, resume: bool, on_event: Callable[[str, dict[str, Any]], None] | None,
+                    extra_metadata: dict[str, Any] | None) -> Any:
+    from tncompress.data import dataset_info, load_dataset, make_loader
+    from tncompress.train import resolve_device, train
+
+    device = distributed.device_for(ranks, resolve_device(config.device))
     channels, size = input_geometry(loaded, data)
     norm = normalization(loaded, data)
     train_set = load_dataset(data.name, "train", data_dir=data.data_dir, image_size=size, channels=channels,
@@ -142,7 +157,7 @@ def train_and_save(loaded: LoadedModel, output: str | Path, data: DataOptions, c
     test_set = load_dataset(data.name, "test", data_dir=data.data_dir, image_size=size, channels=channels,
                             download=data.download, limit=data.limit_test, **norm)
     if on_event:
-        on_event("data", {"train": train_set.describe(), "test": test_set.describe()})
+        on_event("data", {"train": train_set.describe(), "test": test_set.describe(), "ranks": ranks.world_size})
     example = train_set[0][0].unsqueeze(0)
     check_classes(loaded.model, loaded, data.name, example)
     if teacher is not None:
@@ -150,10 +165,10 @@ def train_and_save(loaded: LoadedModel, output: str | Path, data: DataOptions, c
 
     def loader_for(epoch: int):
         return make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
-                           num_workers=data.num_workers, device=device)
+                           num_workers=data.num_workers, device=device, ranks=ranks)
 
     evaluation = make_loader(test_set, max(256, config.batch_size), shuffle=False, num_workers=data.num_workers,
-                             device=device)
+                             device=device, ranks=ranks)
     spec = loaded.spec
     if spec is not None:
         spec = ModelSpec(spec.arch, spec.kwargs, spec.imports, [1, *example.shape[1:]])
@@ -162,9 +177,13 @@ def train_and_save(loaded: LoadedModel, output: str | Path, data: DataOptions, c
     training_meta: dict[str, Any] = {"dataset": data.name, "synthetic": bool(getattr(info, "synthetic", False)),
                                      "train_images": len(train_set), "test_images": len(test_set),
                                      "input_shape": [1, *example.shape[1:]], "augment": data.augment,
-                                     "teacher": (extra_metadata or {}).get("teacher")}
+                                     "teacher": (extra_metadata or {}).get("teacher"),
+                                     "processes": ranks.world_size,
+                                     "global_batch_size": ranks.world_size * config.batch_size}
 
     def save(model: nn.Module, result_meta: dict[str, Any]) -> None:
+        if not ranks.is_main:  # one writer; train() and the end of this function hold the barriers
+            return
         metadata = dict(header.get("metadata") or {})
         metadata.update(extra_metadata or {})
         history = list(metadata.get("training_runs") or [])
@@ -184,5 +203,7 @@ def train_and_save(loaded: LoadedModel, output: str | Path, data: DataOptions, c
     result = train(loaded.model, loader_for, evaluation, config, teacher=teacher, state_path=state_path,
                    resume=resume, on_event=events)
     save(loaded.model, {**result.to_metadata(), "final": True})
-    log.info("wrote %s", output)
+    distributed.barrier(ranks)
+    if ranks.is_main:
+        log.info("wrote %s", output)
     return result

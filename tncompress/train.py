@@ -30,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tncompress import distributed
 from tncompress._version import __version__
 from tncompress.checkpoint import atomic_save, check_output_path, load_state_dict_into
+from tncompress.distributed import SINGLE, Ranks
 from tncompress.errors import CheckpointError, TncompressError
 
 log = logging.getLogger(__name__)
@@ -198,9 +200,12 @@ def resolve_amp(amp: str, device: torch.device, model_dtype: torch.dtype = torch
     return torch.float16, True, "fp16"
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit seed derived from ``(seed, epoch)`` (stable across runs, platforms and versions)."""
-    digest = hashlib.blake2b(f"tncompress:{seed}:{epoch}".encode(), digest_size=8).digest()
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A 63-bit seed derived from ``(seed, epoch)`` (stable across runs, platforms and versions);
+    ranks other than 0 of a distributed run get their own stream (augmentation must differ across
+    ranks), rank 0 the single-process one."""
+    text = f"tncompress:{seed}:{epoch}" + (f":rank{rank}" if rank else "")
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
@@ -347,8 +352,11 @@ def _batch(item: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str | None = None, *,
-             amp: str = "off") -> dict[str, Any]:
+             amp: str = "off", ranks: Ranks = SINGLE) -> dict[str, Any]:
     """Top-1 / top-5 accuracy (percent), mean cross-entropy and throughput of ``model`` on ``loader``.
+
+    With the ``ranks`` of a distributed run, ``loader`` is this rank's shard and the counts are
+    summed over all ranks (every rank returns the metrics of the whole evaluation set).
 
     Runs without gradients in eval mode and restores every module's previous training flag. Top-5 is
     top-min(5, C) for a C-class model (100 % when C ≤ 5); ``num_classes`` is returned so callers can
@@ -386,6 +394,12 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str
     finally:
         for module, mode in modes.items():
             module.training = mode
+    if ranks.enabled:
+        sums = distributed.all_sum(ranks, [correct1.item(), correct5.item(), loss_sum.item(), images,
+                                           num_classes if images else 0, 1 if images else 0], device)
+        correct1, correct5 = torch.tensor(int(sums[0])), torch.tensor(int(sums[1]))
+        loss_sum, images = torch.tensor(sums[2]), int(sums[3])
+        num_classes = int(round(sums[4] / sums[5])) if sums[5] else 0
     seconds = time.perf_counter() - start
     if images == 0:
         raise TncompressError("the evaluation data is empty")
@@ -422,10 +436,16 @@ def load_state(path: str | Path) -> dict[str, Any]:
     return dict(state)
 
 
-def _check_resumable(saved: Mapping[str, Any], config: TrainConfig, path: Path) -> None:
+def _check_resumable(saved: Mapping[str, Any], config: TrainConfig, path: Path, world_size: int = 1) -> None:
     old = TrainConfig.from_dict(saved["config"])
+    fixed: tuple[str, ...] = _RESUME_FIXED
+    saved_world = int(saved.get("world_size", 1))
+    if saved_world != world_size:  # the global batch changes anyway: the per-process batch may too
+        fixed = tuple(k for k in fixed if k != "batch_size")
+        log.warning("resuming a run of %d process(es) with %d: the global batch is now %d × %d (was %d × %d)",
+                    saved_world, world_size, world_size, config.batch_size, saved_world, old.batch_size)
     diffs = [f"{_flag(k)} {getattr(old, k)!r} → {getattr(config, k)!r}"
-             for k in _RESUME_FIXED if getattr(old, k) != getattr(config, k)]
+             for k in fixed if getattr(old, k) != getattr(config, k)]
     if diffs:
         raise TncompressError(f"cannot resume {path}: settings differ from the saved run ({'; '.join(diffs)}); "
                               "use the same settings (only --epochs may grow)")
@@ -529,6 +549,12 @@ class _Run:
     final: dict[str, Any] = field(default_factory=dict)
     prior_seconds: float = 0.0
     start_epoch: int = 0
+    ranks: Ranks = SINGLE
+    net: nn.Module | None = None  # what the forward pass calls: the model, or its DDP wrapper
+
+    @property
+    def forward(self) -> nn.Module:
+        return self.net if self.net is not None else self.model
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -580,7 +606,7 @@ def _checked_arguments(config: TrainConfig, teacher: nn.Module | None, state_pat
         check_output_path(path)  # fail now, not after the first epoch
         if resume:
             saved = load_state(path)
-            _check_resumable(saved, config, path)
+            _check_resumable(saved, config, path, distributed.current().world_size)
     return teacher, path, saved
 
 
@@ -616,13 +642,15 @@ def _restore(run: _Run) -> None:
 
 
 def _save_state(run: _Run, epoch: int, seconds: float) -> None:
-    """Write the resume state after ``epoch`` atomically (a crash leaves the previous epoch's)."""
-    if run.state_path is None:
+    """Write the resume state after ``epoch`` atomically (a crash leaves the previous epoch's); in a
+    distributed run rank 0 writes it (the weights are the same on every rank)."""
+    if run.state_path is None or not run.ranks.is_main:
         return
     assert run.scheduler is not None
-    atomic_save(_state(run.model, run.optimizer, run.scheduler, run.scaler, run.config, epoch, run.steps_per_epoch,
-                       run.history, run.best_top1, run.best_epoch, run.final, run.device, run.amp_name, seconds),
-                run.state_path)
+    state = _state(run.model, run.optimizer, run.scheduler, run.scaler, run.config, epoch, run.steps_per_epoch,
+                   run.history, run.best_top1, run.best_epoch, run.final, run.device, run.amp_name, seconds)
+    state["world_size"] = run.ranks.world_size
+    atomic_save(state, run.state_path)
 
 
 # ---------------------------------------------------------------- schedule
@@ -637,21 +665,27 @@ def _lay_out_schedule(run: _Run, epoch: int, steps: int) -> torch.optim.lr_sched
                                   "the training data must keep its size")
         return run.scheduler
     saved = run.saved
+    regrid = False  # resumed with another number of processes: same epochs, other steps per epoch
     if saved is not None and int(saved["steps_per_epoch"]) != steps:
-        raise TncompressError(f"cannot resume {run.state_path}: the training data now has {steps} batches "
-                              f"per epoch, the saved run had {saved['steps_per_epoch']}; use the same "
-                              "data and --batch-size")
+        if int(saved.get("world_size", 1)) == run.ranks.world_size:
+            raise TncompressError(f"cannot resume {run.state_path}: the training data now has {steps} batches "
+                                  f"per epoch, the saved run had {saved['steps_per_epoch']}; use the same "
+                                  "data and --batch-size")
+        regrid = True
     run.steps_per_epoch = steps
     scheduler = _make_scheduler(run.optimizer, run.config, steps)
     if saved is not None:
         scheduler.load_state_dict(saved["scheduler"])
+        if regrid:  # the schedule is per step: continue at the same epoch boundary of the new grid
+            scheduler.last_epoch = run.start_epoch * steps
+            scheduler._step_count = scheduler.last_epoch + 1
         # Recompute the current lr with this run's schedule (it differs if --epochs grew).
         for group, base, fn in zip(run.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base * fn(scheduler.last_epoch)
     run.scheduler = scheduler
     run.emit("start", {"epochs": run.config.epochs, "start_epoch": run.start_epoch, "steps_per_epoch": steps,
                        "device": str(run.device), "amp": run.amp_name, "resumed": saved is not None,
-                       "distillation": run.teacher is not None})
+                       "distillation": run.teacher is not None, "world_size": run.ranks.world_size})
     return scheduler
 
 
@@ -673,7 +707,7 @@ def _loss(run: _Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, to
     config = run.config
     with torch.autocast(device_type=run.device.type, dtype=run.amp_dtype or torch.float32,
                         enabled=run.amp_dtype is not None):
-        logits = run.model(x)
+        logits = run.forward(x)
         loss = torch.zeros((), device=run.device)
         if config.kd_weight < 1:
             loss = (1 - config.kd_weight) * F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
@@ -711,11 +745,12 @@ def train_one_epoch(run: _Run, epoch: int, loader: Iterable[Any], steps: int) ->
     scheduler = _lay_out_schedule(run, epoch, steps)
     start = time.perf_counter()
     run.emit("epoch_start", {"epoch": epoch, "epochs": run.config.epochs, "steps_per_epoch": steps, "lr": run.lr})
-    run.model.train()
+    run.forward.train()
     watch = _FiniteWatch(run.device, 1 if run.device.type == "cpu" else run.report_every)
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     correct = torch.zeros((), dtype=torch.int64, device=run.device)
     images, step, lr = 0, 0, run.lr
+    world = run.ranks.world_size  # every rank has as many batches of the same sizes (padded shards)
     params = run.params
     for step, item in enumerate(loader, start=1):
         if step > steps:
@@ -746,13 +781,16 @@ def train_one_epoch(run: _Run, epoch: int, loader: Iterable[Any], steps: int) ->
             run.emit("batch", {"epoch": epoch, "epochs": run.config.epochs, "step": step,
                                "steps_per_epoch": steps, "global_step": (epoch - 1) * steps + step,
                                "loss": loss_sum.item() / images, "top1": 100.0 * correct.item() / images,
-                               "images": images, "images_per_second": images / elapsed if elapsed > 0 else 0.0,
-                               "lr": lr})
+                               "images": images * world,
+                               "images_per_second": images * world / elapsed if elapsed > 0 else 0.0, "lr": lr})
     if step != steps:
         raise TncompressError(f"the training loader yielded {step} batches but its length is {steps}")
     _sync(run.device)
-    return _EpochStats(loss=loss_sum.item() / images, top1=100.0 * correct.item() / images, images=images,
-                       lr=lr, seconds=time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    total_loss, total_correct, total_images = distributed.all_sum(
+        run.ranks, [loss_sum.item(), correct.item(), images], run.device)  # the whole epoch over all ranks
+    return _EpochStats(loss=total_loss / total_images, top1=100.0 * total_correct / total_images,
+                       images=int(total_images), lr=lr, seconds=seconds)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -763,7 +801,7 @@ def _evaluate_epoch(run: _Run, epoch: int, stats: _EpochStats, test_loader: Iter
     """Test the model after ``epoch``, record the epoch in the history and track the best one;
     returns the ``epoch_end`` event's payload."""
     run.emit("eval_start", {"epoch": epoch, "epochs": run.config.epochs})
-    metrics = evaluate(run.model, test_loader, run.device, amp=run.amp_name)
+    metrics = evaluate(run.model, test_loader, run.device, amp=run.amp_name, ranks=run.ranks)
     improved = metrics["top1"] > run.best_top1
     if improved:
         run.best_top1, run.best_epoch = metrics["top1"], epoch
@@ -790,8 +828,10 @@ def _evaluate_epoch(run: _Run, epoch: int, stats: _EpochStats, test_loader: Iter
 
 def _start(model: nn.Module, config: TrainConfig, teacher: nn.Module | None, state_path: Path | None,
            saved: dict[str, Any] | None, on_event: Event | None, report_every: int) -> _Run:
-    """Move the model (and teacher) to the device and set up precision, optimizer and scaler."""
-    device = resolve_device(config.device)
+    """Move the model (and teacher) to the device and set up precision, optimizer and scaler; in a
+    distributed run, wrap the model in DistributedDataParallel (events then go to rank 0 only)."""
+    ranks = distributed.current()
+    device = distributed.device_for(ranks, resolve_device(config.device))
     dtype = _model_dtype(model)
     amp_dtype, use_scaler, amp_name = resolve_amp(config.amp, device, dtype)
     model.to(device)
@@ -800,11 +840,14 @@ def _start(model: nn.Module, config: TrainConfig, teacher: nn.Module | None, sta
         teacher.to(device)
         teacher.eval()
         teacher_dtype = _model_dtype(teacher)
+    net = None
+    if ranks.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return _Run(model=model, config=config, device=device, dtype=dtype, amp_dtype=amp_dtype, amp_name=amp_name,
                 use_scaler=use_scaler, optimizer=make_optimizer(model, config),
                 scaler=torch.amp.GradScaler(device.type, enabled=use_scaler), teacher=teacher,
-                teacher_dtype=teacher_dtype, state_path=state_path, saved=saved, on_event=on_event,
-                report_every=report_every)
+                teacher_dtype=teacher_dtype, state_path=state_path, saved=saved,
+                on_event=on_event if ranks.is_main else None, report_every=report_every, ranks=ranks, net=net)
 
 
 def train(model: nn.Module, train_loader_factory: Callable[[int], Iterable[Any]], test_loader: Iterable[Any],
@@ -820,6 +863,11 @@ def train(model: nn.Module, train_loader_factory: Callable[[int], Iterable[Any]]
     teacher) are moved to the device, keep their dtype, and the model stays there, in eval mode, with
     the last epoch's weights (not the best epoch's). A KeyboardInterrupt stops at once (re-raised) and
     leaves the last completed epoch's state untouched. All global RNGs are re-seeded per epoch.
+
+    Inside a ``torch.distributed`` process group (torchrun): the model is wrapped in
+    DistributedDataParallel, both loaders must yield this rank's shard
+    (:func:`tncompress.data.make_loader` with ``ranks``), metrics are summed over the ranks, rank 0
+    alone writes the state and receives the events, and the others wait for it at a barrier.
     """
     teacher, path, saved = _checked_arguments(config, teacher, state_path, resume, report_every)
     teacher_modes = {m: m.training for m in teacher.modules()} if teacher is not None else {}
@@ -835,12 +883,13 @@ def train(model: nn.Module, train_loader_factory: Callable[[int], Iterable[Any]]
         try:
             for epoch in range(run.start_epoch + 1, config.epochs + 1):
                 epoch_start = time.perf_counter()
-                seed_everything(epoch_seed(config.seed, epoch))
+                seed_everything(epoch_seed(config.seed, epoch, run.ranks.rank))
                 loader = train_loader_factory(epoch)
                 stats = train_one_epoch(run, epoch, loader, _steps_in(loader))
                 epoch_end = _evaluate_epoch(run, epoch, stats, test_loader, epoch_start)
                 _save_state(run, epoch, run.prior_seconds + time.perf_counter() - session_start)
                 run.emit("epoch_end", epoch_end)  # after the save: a listener sees the epoch on disk
+                distributed.barrier(run.ranks)  # the other ranks wait for rank 0's files
         except KeyboardInterrupt:
             log.info("interrupted during epoch %d; %s", epoch,
                      f"{path} holds epoch {len(run.history)}" if path and run.history else "nothing was saved")

@@ -58,8 +58,22 @@ def _root(
 
 
 def _fail(message: str, code: int) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    where = _launched_rank()
+    prefix = f"rank {where}: " if where is not None else ""  # under torchrun: say which process failed
+    err_console.print(f"[bold red]error:[/] {prefix}{message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _launched_rank() -> str | None:
+    """``RANK`` of a process that torchrun started (with ``WORLD_SIZE`` > 1), else None."""
+    if os.environ.get("RANK") is None or os.environ.get("WORLD_SIZE", "1") == "1":
+        return None
+    return os.environ["RANK"]
+
+
+def is_main_process() -> bool:
+    """False on the ranks of a torchrun job other than 0: they train but do not render."""
+    return _launched_rank() in (None, "0")
 
 
 def _traceback_if_debug() -> None:

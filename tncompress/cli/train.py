@@ -7,7 +7,17 @@ from typing import Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tncompress.cli.common import app, console, err_console, handle_errors, load_input, model_spec, parse_floats, torch_seed
+from tncompress.cli.common import (
+    app,
+    console,
+    err_console,
+    handle_errors,
+    is_main_process,
+    load_input,
+    model_spec,
+    parse_floats,
+    torch_seed,
+)
 from tncompress.cli.options import (
     AmpOpt,
     ArchArgOpt,
@@ -50,14 +60,18 @@ def _train_options(epochs: int, batch_size: int, optimizer: str, lr: float, weig
 def _run_training(loaded, output: Path, data, config, teacher, resume: bool, extra: dict[str, Any]) -> None:
     from tncompress.finetune import train_and_save
 
+    main = is_main_process()  # under torchrun only rank 0 renders; the library sends events to it alone
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("{task.fields[stats]}"), console=err_console, transient=True)
+                        TextColumn("{task.fields[stats]}"), console=err_console, transient=True, disable=not main)
     task_ids: dict[str, Any] = {}
 
     def on_event(event: str, payload: dict[str, Any]) -> None:
         if event == "data":
             console.print(payload["train"], highlight=False)
             console.print(payload["test"], highlight=False)
+            if payload.get("ranks", 1) > 1:
+                console.print(f"{payload['ranks']} processes, each with batches of {config.batch_size} "
+                              f"(global batch {payload['ranks'] * config.batch_size})", highlight=False)
         elif event == "epoch_start":
             if not progress.live.is_started:
                 progress.start()  # only once training runs: a data error must stay a single line
@@ -84,6 +98,8 @@ def _run_training(loaded, output: Path, data, config, teacher, resume: bool, ext
     finally:
         if progress.live.is_started:
             progress.stop()
+    if not main:
+        return
     console.print(f"done: best test top-1 {result.best_top1:.2f}% (epoch {result.best_epoch}), final "
                   f"{result.history[-1]['test_top1']:.2f}% on {data.name}; {result.device}, amp {result.amp}; "
                   f"wrote {output}", highlight=False)
