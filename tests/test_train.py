@@ -30,6 +30,7 @@ from tncompress.train import (
     resolve_amp,
     resolve_device,
     train,
+    uses_channels_last,
 )
 
 NUM_CLASSES = 4
@@ -435,12 +436,34 @@ def test_evaluate_with_fewer_than_five_classes():
     ({"kd_temperature": 0}, "--kd-temperature"),
     ({"kd_weight": 1.5}, "--kd-weight must be in [0, 1]"),
     ({"grad_clip": 0}, "--grad-clip must be > 0"),
+    ({"memory_format": "nhwc"}, "--memory-format must be one of auto, channels-last, contiguous"),
 ])
 def test_bad_config_values_give_one_line_errors(overrides, needle):
     with pytest.raises(TncompressError) as info:
         config(**overrides)
     message = str(info.value)
     assert needle in message and "\n" not in message
+
+
+def test_auto_layout_is_channels_last_for_conv_models_only():
+    assert uses_channels_last("auto", conv_net()) and not uses_channels_last("auto", mlp())
+    assert uses_channels_last("channels-last", mlp()) and not uses_channels_last("contiguous", conv_net())
+
+
+def test_channels_last_trains_like_contiguous_and_hands_the_model_back():
+    """Same trajectory in either layout (float rounding aside), and the model and teacher come back
+    in the standard layout, so what is saved or compared later is what it was before."""
+    results, models = {}, {}
+    for layout in ("channels-last", "contiguous"):
+        model, teacher = conv_net(), conv_net(seed=5)
+        results[layout] = train(model, factory(), eval_loader(), config(memory_format=layout, kd_weight=0.5),
+                                teacher=teacher)
+        assert all(p.is_contiguous() for p in [*model.parameters(), *teacher.parameters()])
+        models[layout] = model
+    for key, value in models["contiguous"].state_dict().items():
+        torch.testing.assert_close(models["channels-last"].state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert results["channels-last"].history[-1]["test_top1"] == pytest.approx(
+        results["contiguous"].history[-1]["test_top1"], abs=1.0)
 
 
 def test_config_round_trips_through_a_dict():

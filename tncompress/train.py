@@ -44,6 +44,7 @@ STATE_FORMAT_VERSION = 1
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+LAYOUTS = ("auto", "channels-last", "contiguous")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 # Settings that shape the training trajectory: a resume must use the same values (epochs may grow).
@@ -70,6 +71,8 @@ class TrainConfig:
     ``round(warmup_epochs * steps_per_epoch)`` steps. ``kd_weight`` is the distillation weight alpha
     (0 disables distillation). ``amp``: ``auto`` = bf16 on a CUDA GPU that supports it, else fp16 with
     a GradScaler; off on the CPU (``bf16`` on the CPU is allowed when asked for explicitly).
+    ``memory_format``: ``auto`` trains models with 2-D convolutions in channels-last layout (measured
+    faster on CPU and GPU, docs/distributed.md), ``channels-last`` or ``contiguous`` force one.
     """
 
     epochs: int = 10
@@ -89,8 +92,10 @@ class TrainConfig:
     kd_temperature: float = 4.0
     kd_weight: float = 0.0
     grad_clip: float | None = None
+    memory_format: str = "auto"
 
     def __post_init__(self) -> None:
+        self.memory_format = str(self.memory_format).lower()
         self.optimizer = str(self.optimizer).lower()
         self.schedule = str(self.schedule).lower()
         self.amp = str(self.amp).lower()
@@ -138,6 +143,8 @@ class TrainConfig:
         check(0 <= number("kd_weight") <= 1, f"--kd-weight must be in [0, 1] (got {self.kd_weight})")
         if self.grad_clip is not None:
             check(number("grad_clip") > 0, f"--grad-clip must be > 0 (got {self.grad_clip})")
+        check(self.memory_format in LAYOUTS,
+              f"--memory-format must be one of {', '.join(LAYOUTS)} (got {self.memory_format!r})")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (stored in the resume state and in checkpoint metadata)."""
@@ -198,6 +205,21 @@ def resolve_amp(amp: str, device: torch.device, model_dtype: torch.dtype = torch
     if not cuda:
         raise TncompressError("--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16 or off")
     return torch.float16, True, "fp16"
+
+
+def uses_channels_last(memory_format: str, model: nn.Module) -> bool:
+    """Whether to train ``model`` in channels-last layout: ``auto`` → if it has a 2-D convolution."""
+    if memory_format == "channels-last":
+        return True
+    if memory_format == "contiguous":
+        return False
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def channels_last_used(model: nn.Module) -> bool:
+    """Whether any 4-D parameter of ``model`` is stored channels-last (and not also contiguous)."""
+    return any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+               for p in model.parameters())
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -352,7 +374,7 @@ def _batch(item: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str | None = None, *,
-             amp: str = "off", ranks: Ranks = SINGLE) -> dict[str, Any]:
+             amp: str = "off", ranks: Ranks = SINGLE, channels_last: bool = False) -> dict[str, Any]:
     """Top-1 / top-5 accuracy (percent), mean cross-entropy and throughput of ``model`` on ``loader``.
 
     With the ``ranks`` of a distributed run, ``loader`` is this rank's shard and the counts are
@@ -378,6 +400,8 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str
             for item in loader:
                 x, y = _batch(item)
                 x, y = _to(x, device, dtype), y.to(device, non_blocking=True)
+                if channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
                                     enabled=amp_dtype is not None):
                     logits = model(x)
@@ -551,6 +575,7 @@ class _Run:
     start_epoch: int = 0
     ranks: Ranks = SINGLE
     net: nn.Module | None = None  # what the forward pass calls: the model, or its DDP wrapper
+    channels_last: bool = False   # inputs (and the model's 4-D weights) in NHWC layout
 
     @property
     def forward(self) -> nn.Module:
@@ -712,7 +737,7 @@ def _loss(run: _Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, to
         if config.kd_weight < 1:
             loss = (1 - config.kd_weight) * F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
         if run.teacher is not None:
-            with torch.no_grad():
+            with torch.inference_mode():  # no autograd bookkeeping for the teacher at all
                 teacher_logits = run.teacher(_to(x, run.device, run.teacher_dtype))
             loss = loss + config.kd_weight * distillation_loss(logits, teacher_logits, config.kd_temperature)
     return logits, loss
@@ -757,6 +782,8 @@ def train_one_epoch(run: _Run, epoch: int, loader: Iterable[Any], steps: int) ->
             raise TncompressError(f"the training loader yielded more than its length ({steps}) batches")
         x, y = _batch(item)
         x, y = _to(x, run.device, run.dtype), y.to(run.device, non_blocking=True)
+        if run.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         lr = run.lr
         logits, loss = _loss(run, x, y)
         detached = loss.detach()
@@ -801,7 +828,8 @@ def _evaluate_epoch(run: _Run, epoch: int, stats: _EpochStats, test_loader: Iter
     """Test the model after ``epoch``, record the epoch in the history and track the best one;
     returns the ``epoch_end`` event's payload."""
     run.emit("eval_start", {"epoch": epoch, "epochs": run.config.epochs})
-    metrics = evaluate(run.model, test_loader, run.device, amp=run.amp_name, ranks=run.ranks)
+    metrics = evaluate(run.model, test_loader, run.device, amp=run.amp_name, ranks=run.ranks,
+                       channels_last=run.channels_last)
     improved = metrics["top1"] > run.best_top1
     if improved:
         run.best_top1, run.best_epoch = metrics["top1"], epoch
@@ -835,9 +863,14 @@ def _start(model: nn.Module, config: TrainConfig, teacher: nn.Module | None, sta
     dtype = _model_dtype(model)
     amp_dtype, use_scaler, amp_name = resolve_amp(config.amp, device, dtype)
     model.to(device)
+    channels_last = uses_channels_last(config.memory_format, model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     teacher_dtype = dtype
     if teacher is not None:
         teacher.to(device)
+        if channels_last:
+            teacher.to(memory_format=torch.channels_last)
         teacher.eval()
         teacher_dtype = _model_dtype(teacher)
     net = None
@@ -847,7 +880,8 @@ def _start(model: nn.Module, config: TrainConfig, teacher: nn.Module | None, sta
                 use_scaler=use_scaler, optimizer=make_optimizer(model, config),
                 scaler=torch.amp.GradScaler(device.type, enabled=use_scaler), teacher=teacher,
                 teacher_dtype=teacher_dtype, state_path=state_path, saved=saved,
-                on_event=on_event if ranks.is_main else None, report_every=report_every, ranks=ranks, net=net)
+                on_event=on_event if ranks.is_main else None, report_every=report_every, ranks=ranks, net=net,
+                channels_last=channels_last)
 
 
 def train(model: nn.Module, train_loader_factory: Callable[[int], Iterable[Any]], test_loader: Iterable[Any],
@@ -897,6 +931,10 @@ def train(model: nn.Module, train_loader_factory: Callable[[int], Iterable[Any]]
     finally:
         for module, mode in teacher_modes.items():
             module.training = mode
+        if channels_last_used(model):  # hand the model (and teacher) back in the layout they came in
+            model.to(memory_format=torch.contiguous_format)
+            if teacher is not None:
+                teacher.to(memory_format=torch.contiguous_format)
     model.eval()
     return run.result(run.prior_seconds + time.perf_counter() - session_start)
 

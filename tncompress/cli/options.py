@@ -35,6 +35,10 @@ LimitTrainOpt = typer.Option(None, "--limit-train", min=1, help="Use only the fi
 LimitTestOpt = typer.Option(None, "--limit-test", min=1, help="Use only the first N test images.")
 ResumeOpt = typer.Option(False, "--resume", help="Continue from OUTPUT.state.pt.")
 GradClipOpt = typer.Option(None, "--grad-clip")
+ChannelsLastOpt = typer.Option(
+    None, "--channels-last/--no-channels-last",
+    help="Train in channels-last (NHWC) layout. Default: on for models with 2-D convolutions, where it was "
+         "measured faster (docs/distributed.md).")
 
 MeanOpt = typer.Option(None, "--mean", help="Per-channel mean the model was trained with, comma-separated (e.g. "
                        "0.485,0.456,0.406); recorded in the compressed checkpoint. Default: recorded, else the dataset's.")

@@ -24,6 +24,7 @@ from tncompress.cli.options import (
     ArchOpt,
     AugmentOpt,
     BatchSizeOpt,
+    ChannelsLastOpt,
     DataDirOpt,
     DatasetOpt,
     GradClipOpt,
@@ -48,13 +49,14 @@ from tncompress.errors import TncompressError
 
 def _train_options(epochs: int, batch_size: int, optimizer: str, lr: float, weight_decay: float, momentum: float,
                    warmup: float, schedule: str, label_smoothing: float, amp: str, device: str, seed: int,
-                   kd_weight: float, kd_temperature: float, grad_clip: float | None):
+                   kd_weight: float, kd_temperature: float, grad_clip: float | None, channels_last: bool | None):
     from tncompress.train import TrainConfig
 
+    layout = "auto" if channels_last is None else ("channels-last" if channels_last else "contiguous")
     return TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
                        momentum=momentum, warmup_epochs=warmup, schedule=schedule, label_smoothing=label_smoothing,
                        amp=amp, device=device, seed=seed, kd_weight=kd_weight, kd_temperature=kd_temperature,
-                       grad_clip=grad_clip)
+                       grad_clip=grad_clip, memory_format=layout)
 
 
 def _run_training(loaded, output: Path, data, config, teacher, resume: bool, extra: dict[str, Any]) -> None:
@@ -134,6 +136,7 @@ def train(
     limit_test: int = LimitTestOpt,
     resume: bool = ResumeOpt,
     grad_clip: float = GradClipOpt,
+    channels_last: bool = ChannelsLastOpt,
 ) -> None:
     """Train a model from scratch: a baseline for people without a checkpoint."""
     from tncompress.checkpoint import LoadedModel
@@ -145,7 +148,7 @@ def train(
     model = build_model(spec)
     loaded = LoadedModel(model, spec, "fresh", "")
     config = _train_options(epochs, batch_size, optimizer, lr, weight_decay, momentum, warmup, schedule,
-                            label_smoothing, amp, device, seed, 0.0, 4.0, grad_clip)
+                            label_smoothing, amp, device, seed, 0.0, 4.0, grad_clip, channels_last)
     data = DataOptions(dataset, data_dir, mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
                        augment=augment, limit_train=limit_train, limit_test=limit_test, num_workers=workers)
     _run_training(loaded, output, data, config, None, resume, {"source": None, "source_kind": "fresh"})
@@ -186,6 +189,7 @@ def finetune(
     limit_test: int = LimitTestOpt,
     resume: bool = ResumeOpt,
     grad_clip: float = GradClipOpt,
+    channels_last: bool = ChannelsLastOpt,
 ) -> None:
     """Fine-tune a (compressed) model to recover accuracy, optionally distilling from a teacher."""
     from tncompress.finetune import DataOptions
@@ -200,7 +204,8 @@ def finetune(
         raise TncompressError("--kd-weight needs --teacher (the model to distil from)")
     torch_seed(seed)
     config = _train_options(epochs, batch_size, optimizer, lr, weight_decay, momentum, warmup, schedule,
-                            label_smoothing, amp, device, seed, kd_weight, kd_temperature, grad_clip)
+                            label_smoothing, amp, device, seed, kd_weight, kd_temperature, grad_clip,
+                            channels_last)
     data = DataOptions(dataset, data_dir, mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
                        augment=augment, limit_train=limit_train, limit_test=limit_test, num_workers=workers)
     _run_training(loaded, output, data, config, teacher_model, resume,
