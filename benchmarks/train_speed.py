@@ -114,6 +114,15 @@ def plain_loop(model: Any, teacher: Any, loader: Any, channels_last: bool) -> fl
     return images / seconds
 
 
+def data_only(loader: Any) -> float:
+    """img/s of iterating the DataLoader alone (decode cache, augmentation, normalisation, collation)."""
+    images = 0
+    start = time.perf_counter()
+    for _, y in loader:
+        images += y.shape[0]
+    return images / (time.perf_counter() - start)
+
+
 def tool_loop(model: Any, teacher: Any, loader_for: Any, test: Any, layout: str) -> float:
     """img/s of the training pass of tncompress.train.train (its own epoch timer, evaluation excluded)."""
     from tncompress.train import TrainConfig, train
@@ -134,6 +143,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     data = _datasets(args.images)
     rows = []
+    loading = {kind: max(data_only(make_loader(dataset, BATCH, shuffle=True, seed=0, epoch=e)) for e in (1, 2))
+               for kind, dataset in data.items()}
     for name, (student, dense, kind) in _models().items():
         dataset = data[kind]
         test = [next(iter(make_loader(dataset, 16, shuffle=False)))]  # one small batch: evaluation is not timed
@@ -155,7 +166,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
                                                                     test, "contiguous")
                 for key, fn in variants.items():
                     best[key] = max(best.get(key, 0.0), fn())
-            row = {"model": name, "teacher": with_teacher, **best}
+            row = {"model": name, "teacher": with_teacher, "data only": loading[kind], **best}
             rows.append(row)
             print(json.dumps(row), flush=True)
     return {"info": machine_info("cpu"), "rows": rows}
@@ -237,14 +248,16 @@ def render(results: dict[str, Any]) -> str:
         info = part["info"]
         lines += [f"## OMP_WAIT_POLICY={policy if policy != 'default' else '(unset)'} ({info['summary']})", "",
                   f"Images per second of the training pass (batch {BATCH}, SGD, best of {args['repeats']} passes "
-                  f"over {args['images']:,} training images). 'plain': a hand-written loop on the same DataLoader; "
+                  f"over {args['images']:,} training images). 'data only': iterating the DataLoader without a "
+                  "model. 'plain': a hand-written loop on the same DataLoader; "
                   "'tool': `tncompress.train.train` as `tncompress finetune` runs it (default layout: channels-last "
                   "for conv models). Ratio = tool / the faster plain loop.", "",
-                  "| model | teacher | plain | plain channels-last | tool | tool contiguous | ratio |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| model | teacher | data only | plain | plain channels-last | tool | tool contiguous | ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in part["rows"]:
             plain_best = max(r["plain"], r.get("plain channels-last", 0.0))
-            lines.append(f"| {r['model']} | {'yes' if r['teacher'] else 'no'} | {r['plain']:.0f} | "
+            lines.append(f"| {r['model']} | {'yes' if r['teacher'] else 'no'} | {r['data only']:.0f} | "
+                         f"{r['plain']:.0f} | "
                          f"{r.get('plain channels-last', float('nan')):.0f} | {r['tool']:.0f} | "
                          f"{r.get('tool contiguous', float('nan')):.0f} | {r['tool'] / plain_best:.2f} |")
         lines.append("")

@@ -142,3 +142,27 @@ def test_a_user_error_ends_every_rank_with_its_line(tmp_path):
 def test_python_dash_m_is_the_command():
     res = subprocess.run([sys.executable, "-m", "tncompress", "--version"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "tncompress" in res.stdout.lower()
+
+
+def test_shards_split_each_epoch_into_blocks_of_the_global_batch():
+    """Batch k of the ranks together is block k of one shared order; evaluation sees every item once."""
+    from torch.utils.data import TensorDataset
+
+    from tncompress.data import make_loader
+    from tncompress.distributed import Ranks
+
+    data = TensorDataset(torch.arange(50).float().view(-1, 1), torch.arange(50))
+    one = Ranks(0, 1, 0, "gloo")
+    for epoch in (1, 2):
+        whole = [y.tolist() for _, y in make_loader(data, 8, shuffle=True, seed=4, epoch=epoch, ranks=one)]
+        shards = [[y.tolist() for _, y in make_loader(data, 4, shuffle=True, seed=4, epoch=epoch,
+                                                      ranks=Ranks(r, 2, r, "gloo"))] for r in range(2)]
+        assert len(shards[0]) == len(shards[1]) == len(whole)  # same number of steps on every rank
+        for k, block in enumerate(whole):
+            assert sorted(shards[0][k] + shards[1][k]) == sorted(block)
+    orders = [torch.cat([y for _, y in make_loader(data, 8, shuffle=True, seed=4, epoch=e, ranks=one)]).tolist()
+              for e in (1, 2)]
+    assert orders[0] != orders[1]  # set_epoch: a new order each epoch
+    tests = [torch.cat([y for _, y in make_loader(data, 7, shuffle=False, ranks=Ranks(r, 3, r, "gloo"))]).tolist()
+             for r in range(3)]
+    assert sorted(sum(tests, [])) == list(range(50))
