@@ -137,13 +137,15 @@ def test_report_latency_in_channels_last_layout(cli, tmp_path):
         assert "omp_wait_policy" in latency
 
 
-def test_cli_leaves_openmp_policy_alone_for_report_only():
-    """Heavy commands default OMP_WAIT_POLICY to PASSIVE; report (latency) keeps OpenMP's default."""
+def test_cli_leaves_openmp_policy_alone_for_report_and_training():
+    """Decomposing commands default OMP_WAIT_POLICY to PASSIVE; report (latency) and training
+    (throughput, docs/train-speed.md) keep OpenMP's default; a user's setting wins."""
     code = ("import os, sys; sys.argv = ['tncompress'] + sys.argv[1:]; import tncompress.cli; "
             "print(os.environ.get('OMP_WAIT_POLICY', 'unset'))")
     env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
     for argv, expected in ((["report", "x.pt"], "unset"), (["--debug", "-v", "report", "x.pt"], "unset"),
-                           (["decompose", "report.pt"], "PASSIVE")):
+                           (["decompose", "report.pt"], "PASSIVE"), (["train", "--arch", "x"], "unset"),
+                           (["finetune", "m.pt"], "unset"), (["sweep", "m.pt"], "PASSIVE")):
         out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, check=True)
         assert out.stdout.strip() == expected, (argv, out.stdout, out.stderr)
 

@@ -72,7 +72,7 @@ class TrainConfig:
     (0 disables distillation). ``amp``: ``auto`` = bf16 on a CUDA GPU that supports it, else fp16 with
     a GradScaler; off on the CPU (``bf16`` on the CPU is allowed when asked for explicitly).
     ``memory_format``: ``auto`` trains models with 2-D convolutions in channels-last layout (measured
-    faster on CPU and GPU, docs/distributed.md), ``channels-last`` or ``contiguous`` force one.
+    faster for training on the CPU, docs/train-speed.md), ``channels-last`` or ``contiguous`` force one.
     """
 
     epochs: int = 10

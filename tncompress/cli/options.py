@@ -38,7 +38,7 @@ GradClipOpt = typer.Option(None, "--grad-clip")
 ChannelsLastOpt = typer.Option(
     None, "--channels-last/--no-channels-last",
     help="Train in channels-last (NHWC) layout. Default: on for models with 2-D convolutions, where it was "
-         "measured faster (docs/distributed.md).")
+         "measured faster (docs/train-speed.md).")
 
 MeanOpt = typer.Option(None, "--mean", help="Per-channel mean the model was trained with, comma-separated (e.g. "
                        "0.485,0.456,0.406); recorded in the compressed checkpoint. Default: recorded, else the dataset's.")
