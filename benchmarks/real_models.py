@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/real-models")
     parser.add_argument("--models", default="resnet20,resnet32")
     parser.add_argument("--methods", default="tucker2,cp")
+    parser.add_argument("--rates", default="2x,3x", help="which MAC reductions to run (2x, 3x)")
     parser.add_argument("--calibration-size", type=int, default=512)
     parser.add_argument("--finetune-epochs", type=int, default=0)
     parser.add_argument("--finetune-images", type=int, default=None, help="first N training images (default all)")
@@ -118,6 +119,8 @@ def main() -> None:
         calib = calibration_images(loaded, data, args.calibration_size)
         for method in args.methods.split(","):
             for rate, fraction in RATES[method].items():
+                if rate not in args.rates.split(","):
+                    continue
                 row: dict[str, Any] = {"model": name, "method": method, "rate": rate, "fraction": fraction}
                 for aware in (False, True):
                     started = time.perf_counter()

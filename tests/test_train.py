@@ -436,7 +436,7 @@ def test_evaluate_with_fewer_than_five_classes():
     ({"kd_temperature": 0}, "--kd-temperature"),
     ({"kd_weight": 1.5}, "--kd-weight must be in [0, 1]"),
     ({"grad_clip": 0}, "--grad-clip must be > 0"),
-    ({"memory_format": "nhwc"}, "--memory-format must be one of auto, channels-last, contiguous"),
+    ({"memory_format": "nhwc"}, "memory_format must be one of auto, channels-last, contiguous"),
 ])
 def test_bad_config_values_give_one_line_errors(overrides, needle):
     with pytest.raises(TncompressError) as info:

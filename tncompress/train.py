@@ -144,7 +144,8 @@ class TrainConfig:
         if self.grad_clip is not None:
             check(number("grad_clip") > 0, f"--grad-clip must be > 0 (got {self.grad_clip})")
         check(self.memory_format in LAYOUTS,
-              f"--memory-format must be one of {', '.join(LAYOUTS)} (got {self.memory_format!r})")
+              f"memory_format must be one of {', '.join(LAYOUTS)} (got {self.memory_format!r}; the CLI sets it "
+              "with --channels-last or --no-channels-last)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (stored in the resume state and in checkpoint metadata)."""
