@@ -158,7 +158,8 @@ def write_report() -> Path:
     lines += checks or ["| (no part has been run yet) | – | – |"]
     lines += ["", "Where a target is missed, the part's own section and [performance.md](performance.md) say why. "
               "Latency parts run with OpenMP's default wait policy (as a deployed model does); decomposition and "
-              "training parts with `OMP_WAIT_POLICY=PASSIVE` (as the CLI runs them).", ""]
+              "other training parts with `OMP_WAIT_POLICY=PASSIVE`; the training-throughput part runs each policy it "
+              "names in its own process (the CLI trains under OpenMP's default since issue 12).", ""]
     lines += ["Outside `make bench` (they need a trained model or take long): `python benchmarks/budget_mlp.py mlp.pt` "
               "compares the global rank budget with uniform ranks at equal parameter budgets "
               "([budget-mlp.md](budget-mlp.md), discussed in [budget.md](budget.md)); "
