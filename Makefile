@@ -22,7 +22,7 @@ $(PY):
 
 # Pinned, known-good torch/torchvision pair (requirements/constraints.txt); users' ranges are wider.
 $(STAMP): $(PY) pyproject.toml requirements/constraints.txt
-	$(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e '.[test,transformers]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -39,7 +39,7 @@ bench: install
 
 LINT_STAMP := $(VENV)/.tncompress-lint-installed
 $(LINT_STAMP): $(STAMP)
-	$(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e '.[test,lint]'
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e '.[test,transformers,lint]'
 	touch $(LINT_STAMP)
 
 # ruff (rules in pyproject.toml) on everything; mypy on the library at the strictness pyproject.toml states.

@@ -32,12 +32,15 @@ PARTS = {
              "--finetune-images", "10000"],
     # needs ../shared; the tool's training loop against a plain loop, per OpenMP policy; about 15 minutes
     "train": [sys.executable, str(HERE / "train_speed.py"), "--out", "docs/train-speed"],
+    # every torchvision classifier of the default subset plus a tiny BERT and GPT-2, two recipes each, and
+    # the full-rank exactness check; resumes from docs/zoo.json (pass --fresh to zoo.py to start over)
+    "zoo": [sys.executable, str(HERE / "zoo.py"), "--out", "docs/zoo"],
 }
 # Part → the Markdown file it writes (embedded in benchmarks.md in this order).
 SECTIONS = [("layers", "layer-speed-cpu.md"), ("layers", "layer-speed-cuda.md"), ("convs", "conv-speed-cpu.md"),
             ("convs", "conv-speed-cuda.md"), ("recipes", "results.md"), ("decompose", "decompose-time.md"),
             ("mnist", "mnist-tt.md"), ("aware", "mnist-data-aware.md"), ("real", "real-models.md"),
-            ("train", "train-speed.md")]
+            ("train", "train-speed.md"), ("zoo", "zoo.md")]
 
 
 # Latency parts run with OpenMP's default wait policy, as a deployed model does; the Makefile's
@@ -139,6 +142,13 @@ def train_targets(data: dict) -> list[str]:
     return out
 
 
+def zoo_targets(data: dict) -> list[str]:
+    """The zoo's own verdicts, as benchmarks/zoo.py computed them from its rows."""
+    import zoo
+
+    return zoo.targets(data.get("rows", []), data.get("exact", []), prefix="Zoo: ")
+
+
 def write_report() -> Path:
     lines = ["# Benchmarks", "",
              "Written by `make bench` (`benchmarks/run.py`): every part's figures come from the run that wrote "
@@ -155,6 +165,8 @@ def write_report() -> Path:
         checks += decompose_targets(d)
     if (d := _load("train-speed.json")):
         checks += train_targets(d)
+    if (d := _load("zoo.json")):
+        checks += zoo_targets(d)
     lines += checks or ["| (no part has been run yet) | – | – |"]
     lines += ["", "Where a target is missed, the part's own section and [performance.md](performance.md) say why. "
               "Latency parts run with OpenMP's default wait policy (as a deployed model does); decomposition and "

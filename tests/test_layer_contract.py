@@ -15,13 +15,22 @@ from tncompress.layers import (
     LAYER_CLASSES,
     CPConv2d,
     FactorizedLayer,
+    LowRankConv2d,
+    LowRankEmbedding,
     LowRankLinear,
     ProdSumConv2d,
     ProdSumLinear,
+    TTEmbedding,
     TTLinear,
     Tucker2Conv2d,
     merged,
 )
+
+
+def _embedding() -> nn.Embedding:
+    torch.manual_seed(3)
+    table = nn.Embedding(20, 6, padding_idx=2).double()
+    return table
 
 
 def _linear(m: int = 6, n: int = 12) -> nn.Linear:
@@ -49,11 +58,18 @@ FULL_RANK: dict[type, Callable[[], tuple[nn.Module, FactorizedLayer]]] = {
     ProdSumLinear: lambda: (d := _linear(3, 4), ProdSumLinear.from_dense(d, terms=12)),
     ProdSumConv2d: lambda: (d := nn.Conv2d(2, 2, 2, padding=1, padding_mode="reflect").double(),
                             ProdSumConv2d.from_dense(d, terms=16)),
+    LowRankConv2d: lambda: (d := _conv(), LowRankConv2d.from_dense(d, rank=4)),
+    TTEmbedding: lambda: (d := _embedding(), TTEmbedding.from_dense(d, [3, 7], [2, 3], ranks=None)),
+    LowRankEmbedding: lambda: (d := _embedding(), LowRankEmbedding.from_dense(d, rank=6)),
 }
 
 
 def _input(layer: nn.Module, batch: int = 3) -> torch.Tensor:
     gen = torch.Generator().manual_seed(7)
+    if hasattr(layer, "num_embeddings"):  # token ids, the padding index among them
+        ids = torch.randint(0, layer.num_embeddings, (batch, 4), generator=gen)
+        ids[0, 0] = 2
+        return ids
     if hasattr(layer, "in_channels"):
         return torch.randn(batch, layer.in_channels, 5, 5, generator=gen, dtype=torch.float64)
     return torch.randn(batch, layer.in_features, generator=gen, dtype=torch.float64)
@@ -62,7 +78,12 @@ def _input(layer: nn.Module, batch: int = 3) -> torch.Tensor:
 def _reference(layer: FactorizedLayer, x: torch.Tensor) -> torch.Tensor:
     """The output the current parameters define, computed through the dense equivalent."""
     with torch.no_grad():
-        return layer.to_dense()(x.to(next(layer.parameters()).dtype))
+        return layer.to_dense()(_as_layer_dtype(layer, x))
+
+
+def _as_layer_dtype(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Float inputs in the layer's dtype; token ids stay integers."""
+    return x.to(next(layer.parameters()).dtype) if x.is_floating_point() else x
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -111,7 +132,8 @@ def test_config_round_trip(pair):
 
 def test_gradcheck_in_input_and_parameters(pair):
     _, layer = pair
-    x = _input(layer, batch=2).requires_grad_(True)
+    x = _input(layer, batch=2)
+    x = x.requires_grad_(True) if x.is_floating_point() else x
     names = [n for n, _ in layer.named_parameters()]
     params = [p.detach().clone().requires_grad_(True) for _, p in layer.named_parameters()]
 
@@ -185,7 +207,7 @@ def test_output_follows_every_parameter_update(pair, update, merge):
     UPDATES[update](layer, x)
     if merge and update == ".data op":
         layer.merge()  # the one change PyTorch cannot see: the documented remedy is to merge again
-    xin = x.to(next(layer.parameters()).dtype)
+    xin = _as_layer_dtype(layer, x)
     with torch.no_grad():
         _close(layer(xin), _reference(layer, xin))
     _close(layer(xin).detach(), _reference(layer, xin))  # and with autograd

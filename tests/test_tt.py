@@ -187,7 +187,7 @@ def test_tt_svd_rejects_modes_that_do_not_multiply_out():
     with pytest.raises(RankError):
         tt_matrix_svd(w, [2, 3, 4], [3, 2, 5], ranks=[7, 1])
     with pytest.raises(RankError):
-        TTLinear(30, 24, in_modes=[3, 2, 5], out_modes=[2, 3, 5])
+        TTLinear(30, 24, in_modes=[3, 2, 5], out_modes=[2, 3, 3])  # 18 < 24 outputs (a larger product pads)
 
 
 # ---------------------------------------------------------------------------------- TTLinear

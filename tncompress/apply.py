@@ -10,8 +10,8 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -21,8 +21,8 @@ from tncompress.errors import GateError
 from tncompress.layers import FactorizedLayer
 from tncompress.methods import method_for_layer
 from tncompress.methods.base import Fallback, Method
-from tncompress.planner import LayerPlan, dense_params, factorized_macs
-from tncompress.surgery import set_module
+from tncompress.planner import LayerPlan, call_shapes, dense_params, factorized_macs
+from tncompress.surgery import dense_view, set_module
 
 __all__ = ["ProgressCallback", "apply_plan", "capture_inputs", "check_error_bounds", "layer_bound",
            "model_output_error", "reference_output", "rel_error"]
@@ -33,12 +33,33 @@ ProgressCallback = Callable[[str, LayerPlan, int, int], None]  # (event, plan, i
 Errors = tuple[float | None, float | None]  # (relative weight error, relative output error)
 
 
-def rel_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """‖reference − approx‖ / ‖reference‖ in float64 (the absolute error when the reference is 0)."""
+def rel_error(reference: torch.Tensor, approx: torch.Tensor) -> float | None:
+    """‖reference − approx‖ / ‖reference‖ in float64; None (undefined) when the reference is zero,
+    e.g. the output of a zero-initialised head (:func:`abs_error` then says how far off it is)."""
     reference, approx = reference.double(), approx.double()
     denom = torch.linalg.vector_norm(reference).item()
     diff = torch.linalg.vector_norm(reference - approx).item()
-    return diff / denom if denom > 0 else diff
+    return diff / denom if denom > 0 else None
+
+
+def abs_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """‖reference − approx‖ in float64."""
+    return torch.linalg.vector_norm(reference.double() - approx.double()).item()
+
+
+def primary_output(output: Any) -> torch.Tensor | None:
+    """The tensor a model's output is judged by: the tensor itself, a Hugging Face output's
+    ``logits`` (or ``last_hidden_state``, else its first tensor), or a tuple's first tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        for key in ("logits", "last_hidden_state"):
+            if isinstance(output.get(key), torch.Tensor):
+                return output[key]
+        return next((v for v in output.values() if isinstance(v, torch.Tensor)), None)
+    if isinstance(output, (tuple, list)):
+        return next((v for v in output if isinstance(v, torch.Tensor)), None)
+    return None
 
 
 def capture_inputs(model: nn.Module, batch: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -60,13 +81,27 @@ def capture_inputs(model: nn.Module, batch: torch.Tensor, names: Sequence[str]) 
 
 
 def _errors(module: nn.Module, new: nn.Module, x: torch.Tensor | None) -> Errors:
-    assert isinstance(module, (nn.Linear, nn.Conv2d)) and isinstance(new, FactorizedLayer)
+    assert isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) and isinstance(new, FactorizedLayer)
     dense = new.to_dense()
-    assert isinstance(dense, (nn.Linear, nn.Conv2d))
+    assert isinstance(dense, (nn.Linear, nn.Conv2d, nn.Embedding))
     with torch.no_grad():
         weight = rel_error(module.weight, dense.weight)
         output = rel_error(module(x), new(x)) if x is not None else None
     return weight, output
+
+
+def _undefined_note(module: nn.Module, new: nn.Module, x: torch.Tensor | None) -> str | None:
+    """A note for a layer whose dense weight or output is zero, so its relative error is undefined."""
+    with torch.no_grad():
+        weight = cast(torch.Tensor, module.weight)
+        if not bool(weight.detach().any()):
+            return "weight error undefined: the dense weight is all zeros"
+        if x is not None:
+            reference = module(x)
+            if not bool(reference.any()):
+                return (f"output error undefined: the dense layer's output on the calibration batch is all zeros "
+                        f"(absolute error of the factorized layer {abs_error(reference, new(x)):.3g})")
+    return None
 
 
 def _healthy(new: nn.Module, errors: Errors) -> bool:
@@ -229,7 +264,7 @@ def apply_plan(model: nn.Module, plan: Sequence[LayerPlan], calibration_input: t
     for index, entry in enumerate(todo):
         if progress:
             progress("start", entry, index, len(todo))
-        module = model.get_submodule(entry.name)
+        module = dense_view(model.get_submodule(entry.name))
         started = time.perf_counter()
         method = method_for_layer(entry.method)
         settings = method.parse(entry.settings, entry.name)
@@ -248,8 +283,14 @@ def apply_plan(model: nn.Module, plan: Sequence[LayerPlan], calibration_input: t
             new.train(module.training)
             entry.weight_rel_error, entry.output_rel_error = errors
             entry.params_after = dense_params(new)
-            if entry.input_shape:
-                entry.macs_after = factorized_macs(new, entry.input_shape)
+            shapes = call_shapes(entry)
+            if shapes:
+                entry.macs_after = factorized_macs(new, shapes)
+            measured = inputs.get(entry.name)
+            undefined = (_undefined_note(module, new, measured)
+                         if errors[0] is None or (errors[1] is None and measured is not None) else None)
+            if undefined:
+                entry.notes.append(undefined)
             fit = method.fit_note(new)
             if fit:
                 entry.notes.append(fit)
@@ -263,20 +304,21 @@ def apply_plan(model: nn.Module, plan: Sequence[LayerPlan], calibration_input: t
     return plan
 
 
-def reference_output(model: nn.Module, batch: torch.Tensor) -> Any:
-    """The model's output on the calibration batch, taken before decomposing."""
+def reference_output(model: nn.Module, batch: torch.Tensor) -> torch.Tensor | None:
+    """The model's output (:func:`primary_output`) on the calibration batch, taken before decomposing."""
     with torch.no_grad():
-        out = model(batch)
-    return out.detach().clone() if isinstance(out, torch.Tensor) else out
+        out = primary_output(model(batch))
+    return None if out is None else out.detach().clone()
 
 
 def model_output_error(model: nn.Module, batch: torch.Tensor, reference: Any) -> float | None:
-    """Relative error of the decomposed model's output against ``reference`` (None for non-tensor outputs)."""
+    """Relative error of the decomposed model's output against ``reference``; None when the model
+    returns no tensor or the reference is all zeros (undefined)."""
     if not isinstance(reference, torch.Tensor):
         return None
     with torch.no_grad():
-        out = model(batch)
-    return rel_error(reference, out) if isinstance(out, torch.Tensor) else None
+        out = primary_output(model(batch))
+    return rel_error(reference, out) if out is not None else None
 
 
 def check_error_bounds(plan: Sequence[LayerPlan], calibration: dict[str, Any], model_error: float | None,

@@ -44,7 +44,7 @@ from torch import nn
 from tncompress.errors import RecipeError
 from tncompress.methods import all_methods, method_for_layer
 from tncompress.methods.base import Method, Settings
-from tncompress.planner import LayerPlan, Plan, calibration_batch, calibration_settings, plan_layer
+from tncompress.planner import LayerPlan, Plan, calibration_settings, example_batch, plan_layer
 from tncompress.recipe import LayerChoice, Recipe
 
 log = logging.getLogger(__name__)
@@ -482,9 +482,7 @@ class Allocation:
 def _whole_model_totals(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
     from tncompress.measure import count_macs, count_params
 
-    param = next(model.parameters(), None)
-    example = calibration_batch(input_shape, 1, 0, dtype=param.dtype if param is not None else torch.float32,
-                                device=param.device if param is not None else "cpu")
+    example = example_batch(model, input_shape)
     return {"params": count_params(model), "macs": count_macs(model, example).total}
 
 
@@ -749,10 +747,7 @@ def apply_budget(model: nn.Module, plans: Sequence[LayerPlan], recipe: Recipe, i
     budget = Budget.from_mapping(recipe.budget or {})
     if calibration_input is None:
         calib = calibration_settings(recipe)
-        param = next(model.parameters(), None)
-        calibration_input = calibration_batch(input_shape, calib["batch_size"], calib["seed"],
-                                              dtype=param.dtype if param is not None else torch.float32,
-                                              device=param.device if param is not None else "cpu")
+        calibration_input = example_batch(model, input_shape, calib["batch_size"], calib["seed"])
     scanned = scan_model(model, plans, budget, input_shape, calibration_input, recipe.source)
     return finish(scanned, allocate(scanned, budget))
 

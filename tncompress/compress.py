@@ -25,8 +25,10 @@ from tncompress.apply import (
 )
 from tncompress.budget import apply_budget
 from tncompress.data_aware import reestimate_batchnorm
-from tncompress.planner import LayerPlan, Plan, calibration_batch, calibration_settings, plan_layers
+from tncompress.layers.attention import unpack_attention
+from tncompress.planner import LayerPlan, Plan, calibration_settings, describe_synthetic, example_batch, plan_layers
 from tncompress.recipe import Recipe
+from tncompress.surgery import repack_attention, unpacked
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,10 @@ def make_plan(model: nn.Module, recipe: Recipe, input_shape: Sequence[int],
               calibration_input: torch.Tensor | None = None) -> Plan:
     """Plan every decomposable layer (:func:`tncompress.planner.plan_layers`) and, with a recipe
     ``budget``, allocate the ranks (:func:`tncompress.budget.apply_budget`, which measures
-    sensitivities on ``calibration_input``; default: the recipe's Gaussian batch)."""
+    sensitivities on ``calibration_input``; default: the recipe's Gaussian batch). A model with
+    ``nn.MultiheadAttention`` is planned on a copy whose attention projections are ordinary layers
+    (:func:`tncompress.surgery.unpacked`), so the plan names ``…attn.q_proj`` and the like."""
+    model = unpacked(model)
     plan = plan_layers(model, recipe, input_shape)
     if recipe.budget:
         return apply_budget(model, plan, recipe, input_shape, calibration_input)
@@ -91,16 +96,18 @@ def decompose(model: nn.Module, recipe: Recipe, *, input_shape: Sequence[int],
         model = copy.deepcopy(model)
     model.eval()
     calib = calibration_settings(recipe)
-    kind = "gaussian noise" if calibration_input is None else (calibration_source or "given batch")
+    synthetic = calibration_input is None
+    kind = describe_synthetic(model) if synthetic else (calibration_source or "given batch")
     if calibration_input is None:
-        param = next(model.parameters(), None)
-        calibration_input = calibration_batch(input_shape, calib["batch_size"], calib["seed"],
-                                              dtype=param.dtype if param is not None else torch.float32,
-                                              device=param.device if param is not None else "cpu")
+        calibration_input = example_batch(model, input_shape, calib["batch_size"], calib["seed"])
+    unpack_attention(model)  # equivalent attention modules with callable projections (repacked below if untouched)
     plan = make_plan(model, recipe, input_shape, calibration_input)  # a budget measures sensitivities on it
     reference = reference_output(model, calibration_input)
     apply_plan(model, plan, calibration_input, progress, max_output_error=calib.get("max_output_error"))
-    real = kind != "gaussian noise"
+    repacked = repack_attention(model)
+    if repacked:
+        log.info("kept %d attention modules as nn.MultiheadAttention (no projection decomposed)", len(repacked))
+    real = not synthetic
     reestimated = 0
     if calib.get("reestimate_bn", real) and any(p.action == "decompose" for p in plan):
         reestimated = reestimate_batchnorm(model, calibration_input)

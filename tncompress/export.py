@@ -49,6 +49,9 @@ def _check_batches(example: torch.Tensor) -> list[torch.Tensor]:
     """Two batch sizes, so a batch dimension frozen into the export is caught."""
     gen = torch.Generator().manual_seed(0)
     shape = tuple(example.shape[1:])
+    if not example.is_floating_point():  # token ids: stay below the largest id of the example
+        high = max(1, int(example.max()) + 1)
+        return [torch.randint(0, high, (n, *shape), generator=gen).to(example.dtype) for n in (1, 3)]
     return [torch.randn((n, *shape), generator=gen).to(example.dtype) for n in (1, 3)]
 
 

@@ -4,19 +4,20 @@ layer that is left dense."""
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, overload
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tncompress.errors import RankError, RecipeError
+from tncompress.measure import countable_attention
 from tncompress.methods import get_method, methods_for
-from tncompress.methods.base import layer_macs
+from tncompress.methods.base import layer_macs, linear_positions
 from tncompress.recipe import COMMON_SETTING_KEYS, LayerChoice, Recipe, match_layers
-from tncompress.surgery import candidate_layers, type_name
+from tncompress.surgery import candidate_layers, dense_view, other_layers, type_name
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class LayerPlan:
     config: dict[str, Any] = field(default_factory=dict)
     ranks: Any = None
     input_shape: list[int] | None = None
+    calls: int = 1                     # how often the forward calls the layer (MACs count every call)
     params_before: int = 0
     params_after: int = 0
     macs_before: int = 0
@@ -70,30 +72,74 @@ def calibration_settings(recipe: Recipe | None) -> dict[str, int]:
 
 
 def calibration_batch(input_shape: Sequence[int], batch_size: int, seed: int,
-                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A reproducible standard-normal batch of ``batch_size`` samples shaped like ``input_shape``."""
+                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                      vocabulary: int | None = None) -> torch.Tensor:
+    """A reproducible batch of ``batch_size`` samples shaped like ``input_shape``: standard-normal
+    values, or uniformly random token ids below ``vocabulary`` (int64) for a model that takes ids."""
     gen = torch.Generator().manual_seed(seed)
     shape = (batch_size, *[int(s) for s in input_shape[1:]])
+    if vocabulary is not None:
+        return torch.randint(0, int(vocabulary), shape, generator=gen).to(device=device)
     return torch.randn(shape, generator=gen).to(dtype=dtype, device=device)
 
 
-def trace_shapes(model: nn.Module, example: torch.Tensor, names: Sequence[str]) -> dict[str, tuple[list[int], list[int]]]:
-    """Run ``model`` once and record (input shape, output shape) of the named submodules."""
-    shapes: dict[str, tuple[list[int], list[int]]] = {}
+def token_vocabulary(model: nn.Module) -> int | None:
+    """The vocabulary size when ``model`` takes token ids, else None.
+
+    The rule: the model's first module (in registration order) that holds parameters is an
+    embedding (``nn.Embedding`` or a factorized one), as in BERT, GPT-2 and every Hugging Face
+    language model; a vision model starts with a conv or a Linear.
+    """
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            vocab = getattr(module, "num_embeddings", None)
+            return int(vocab) if "Embedding" in type(module).__name__ and isinstance(vocab, int) else None
+    return None
+
+
+def example_batch(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1, seed: int = 0) -> torch.Tensor:
+    """:func:`calibration_batch` with the model's dtype and device, and token ids for a model that
+    takes them (:func:`token_vocabulary`)."""
+    param = next(model.parameters(), None)
+    return calibration_batch(input_shape, batch_size, seed, dtype=param.dtype if param is not None else torch.float32,
+                             device=param.device if param is not None else "cpu", vocabulary=token_vocabulary(model))
+
+
+def describe_synthetic(model: nn.Module) -> str:
+    """What :func:`example_batch` feeds ``model``, for plans and reports."""
+    vocab = token_vocabulary(model)
+    return "gaussian noise" if vocab is None else f"random token ids below {vocab:,}"
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (list, tuple)):
+        return next((v for v in value if isinstance(v, torch.Tensor)), None)
+    return None
+
+
+def trace_shapes(model: nn.Module, example: torch.Tensor, names: Sequence[str]
+                 ) -> dict[str, list[tuple[list[int], list[int]]]]:
+    """Run ``model`` once and record (input shape, output shape) of every call of the named
+    submodules (a module called twice, e.g. shared between blocks, has two entries)."""
+    shapes: dict[str, list[tuple[list[int], list[int]]]] = {}
     handles = []
     for name in names:
         module = model.get_submodule(name)
 
         def hook(mod: nn.Module, args: tuple, output: Any, _name: str = name) -> None:
-            if _name not in shapes and args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
-                shapes[_name] = (list(args[0].shape), list(output.shape))
+            first, out = (args[0] if args else None), _first_tensor(output)
+            if isinstance(first, torch.Tensor) and out is not None:
+                shapes.setdefault(_name, []).append((list(first.shape), list(out.shape)))
 
         handles.append(module.register_forward_hook(hook))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), countable_attention():
             model(example)
     except Exception as exc:
-        raise RecipeError(f"the model does not run on an input of shape {list(example.shape)} "
+        what = "token ids" if not example.is_floating_point() else "an input"
+        raise RecipeError(f"the model does not run on {what} of shape {list(example.shape)} "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                           "give the right --input-shape") from exc
     finally:
@@ -102,23 +148,57 @@ def trace_shapes(model: nn.Module, example: torch.Tensor, names: Sequence[str]) 
     return shapes
 
 
+class _TensorsSeen(TorchDispatchMode):
+    """The storage addresses of every tensor an op receives (to tell a weight read directly by the
+    parent module from an unused module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ptrs: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in (*args, *(kwargs or {}).values()):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self.ptrs.add(t.untyped_storage().data_ptr())
+        return func(*args, **(kwargs or {}))
+
+
+def weights_read_directly(model: nn.Module, example: torch.Tensor, names: Sequence[str]) -> set[str]:
+    """Which of the named (never called) modules have their weight used by the forward anyway: a
+    parent reads it (torchvision's Swin attention calls ``F.linear`` on ``qkv.weight``)."""
+    seen = _TensorsSeen()
+    with torch.no_grad(), countable_attention(), seen:
+        model(example)
+    out = set()
+    for name in names:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.untyped_storage().data_ptr() in seen.ptrs:
+            out.add(name)
+    return out
+
+
 def dense_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
 def dense_macs(module: nn.Module, in_shape: Sequence[int], out_shape: Sequence[int]) -> int:
-    """MACs of one sample through a dense Linear / Conv2d, from traced shapes."""
+    """MACs of one call of a dense Linear / Conv2d / Embedding at the traced batch of one, from its
+    shapes (an embedding lookup is no MAC)."""
     if isinstance(module, nn.Linear):
-        positions = math.prod(in_shape[1:-1]) if len(in_shape) > 2 else 1
-        return positions * module.in_features * module.out_features
+        return linear_positions(in_shape) * module.in_features * module.out_features
+    if isinstance(module, nn.Embedding):
+        return 0
     assert isinstance(module, nn.Conv2d)
     kh, kw = module.kernel_size
     return module.out_channels * (module.in_channels // module.groups) * kh * kw * out_shape[-2] * out_shape[-1]
 
 
-def factorized_macs(layer: nn.Module, in_shape: Sequence[int]) -> int:
-    """MACs of one sample through a factorized layer, for the input shape traced at the dense layer."""
-    return layer_macs(layer, in_shape)
+def factorized_macs(layer: nn.Module, in_shape: Sequence[int] | Sequence[Sequence[int]]) -> int:
+    """MACs of one sample through a factorized layer, for the input shape traced at the dense layer
+    (or the list of shapes of all its calls)."""
+    if in_shape and not isinstance(in_shape[0], int):
+        return sum(int(layer_macs(layer, shape)) for shape in in_shape)  # type: ignore[arg-type, misc]
+    return layer_macs(layer, in_shape)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -157,7 +237,15 @@ def _with_where(exc: RankError | RecipeError, where: str) -> RankError | RecipeE
     return exc if str(exc).startswith(where) else type(exc)(f"{where}: {exc}")
 
 
-def plan_layer(choice: LayerChoice, module: nn.Module, shapes: tuple[list[int], list[int]] | None,
+def call_shapes(entry: LayerPlan) -> list[list[int]] | None:
+    """The input shape of every call of the layer, for factorized MACs (None: never traced)."""
+    if entry.input_shape is None:
+        return None
+    return [list(entry.input_shape)] * max(1, entry.calls)
+
+
+def plan_layer(choice: LayerChoice, module: nn.Module,
+               shapes: tuple[list[int], list[int]] | list[tuple[list[int], list[int]]] | None,
                source: str, *, rank_from_budget: bool = False) -> LayerPlan:
     """Resolve one layer's merged settings into a :class:`LayerPlan` through its method.
 
@@ -167,10 +255,18 @@ def plan_layer(choice: LayerChoice, module: nn.Module, shapes: tuple[list[int], 
     tname = choice.type_name
     plan = LayerPlan(name=choice.name, type=tname, action="keep", method="none",
                      decided_by=choice.decided_by, rules=list(choice.rules), settings=dict(choice.settings))
+    module = dense_view(module)
     plan.params_before = plan.params_after = dense_params(module)
-    if shapes is not None:
-        plan.input_shape = list(shapes[0])
-        plan.macs_before = plan.macs_after = dense_macs(module, *shapes)
+    calls = [shapes] if isinstance(shapes, tuple) else list(shapes or [])
+    if calls:
+        plan.input_shape, plan.calls = list(calls[0][0]), len(calls)
+        if any(c[0] != calls[0][0] for c in calls):
+            plan.notes.append(f"called {len(calls)} times with different input shapes; MACs counted at the first "
+                              f"shape {calls[0][0]}")
+        elif len(calls) > 1:
+            plan.notes.append(f"called {len(calls)} times per forward; MACs count every call")
+        plan.macs_before = plan.macs_after = dense_macs(module, *calls[0]) * len(calls)
+    shapes = calls[0] if calls else None
     where = _where(choice, source)
     if choice.excluded_by:
         plan.reason = f"excluded ({choice.excluded_by})"
@@ -202,7 +298,8 @@ def plan_layer(choice: LayerChoice, module: nn.Module, shapes: tuple[list[int], 
         plan.notes.append(f"{name} requested but not applied: {reason}")
         return plan
     if shapes is None:
-        plan.reason = "not run by the model's forward pass on the calibration input; left dense"
+        plan.reason = ("never called by the model's forward on the calibration input (unused, or on a branch this "
+                       "input does not take); left dense")
         return plan
     budgeted = rank_from_budget and method.supports_budget
     try:
@@ -217,11 +314,22 @@ def plan_layer(choice: LayerChoice, module: nn.Module, shapes: tuple[list[int], 
         plan.reason = f"{name}: rank decided by the budget"
         return plan
     plan.params_after = dense_params(layer)
-    plan.macs_after = factorized_macs(layer, shapes[0])
+    plan.macs_after = factorized_macs(layer, call_shapes(plan) or shapes[0])
     plan.reason = method.describe(planned)
+    growth_notes(plan)
+    return plan
+
+
+def growth_notes(plan: LayerPlan) -> None:
+    """Say when a factorized layer is larger or costlier than the dense one (a TT of small rank can
+    double a layer's MACs while shrinking its parameters)."""
     if plan.params_after >= plan.params_before:
         plan.notes.append(f"grows the layer: {plan.params_after:,} params vs {plan.params_before:,} dense")
-    return plan
+    if plan.macs_before and plan.macs_after > plan.macs_before:
+        plan.notes.append(f"raises the layer's MACs: {plan.macs_after:,} vs {plan.macs_before:,} dense "
+                          f"({plan.macs_after / plan.macs_before:.2f}×)")
+    elif not plan.macs_before and plan.macs_after:
+        plan.notes.append(f"adds {plan.macs_after:,} MACs per sample: the dense lookup has none (it reads rows)")
 
 
 def plan_layers(model: nn.Module, recipe: Recipe, input_shape: Sequence[int]) -> Plan:
@@ -234,19 +342,27 @@ def plan_layers(model: nn.Module, recipe: Recipe, input_shape: Sequence[int]) ->
     candidates = list(candidate_layers(model))
     pairs = [(name, type_name(module) or "") for name, module, _ in candidates]
     choices = match_layers(recipe, pairs)
-    param = next(model.parameters(), None)
-    example = calibration_batch(input_shape, 1, 0, dtype=param.dtype if param is not None else torch.float32,
-                                device=param.device if param is not None else "cpu")
+    example = example_batch(model, input_shape)
     shapes = trace_shapes(model, example, [n for n, _, _ in candidates])
+    uncalled = [n for n, _, blocked in candidates if n not in shapes and not blocked]
+    read = weights_read_directly(model, example, uncalled) if uncalled else set()
     budgeted = bool(recipe.budget)
     plans = []
     for choice, (name, module, blocked) in zip(choices, candidates):
+        if name in read:
+            blocked = ("never called: its parent reads its weight directly (F.linear / F.conv on .weight), so a "
+                       "factorized module here would not run; left dense")
         if blocked and not choice.excluded_by:
-            plan = plan_layer(LayerChoice(name, choice.type_name, {}, choice.rules, choice.decided_by), module,
+            plan = plan_layer(LayerChoice(name, choice.type_name, {}, [], choice.decided_by), module,
                               shapes.get(name), recipe.source)
-            plan.reason = blocked
+            plan.reason, plan.rules = blocked, list(choice.rules)
         else:
             plan = plan_layer(choice, module, shapes.get(name), recipe.source, rank_from_budget=budgeted)
         plans.append(plan)
+    for name, module, kind, reason in other_layers(model):
+        plans.append(LayerPlan(name=name, type=kind, action="keep", method="none", reason=reason,
+                               params_before=dense_params(module), params_after=dense_params(module)))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    plans.sort(key=lambda p: order.get(p.name, len(order)))
     return Plan(plans)
 

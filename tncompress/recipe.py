@@ -24,7 +24,7 @@ from tncompress import methods as method_registry
 from tncompress.errors import RecipeError
 
 RECIPE_VERSION = 1
-TYPES = ("Linear", "Conv2d")
+TYPES = ("Linear", "Conv2d", "Embedding")
 SELECTORS = ("name", "pattern", "regex", "type")
 # settings every method accepts: a bound on the layer's relative output error on the calibration batch
 COMMON_SETTING_KEYS = frozenset({"max_output_error", "data_aware"})

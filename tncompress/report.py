@@ -15,7 +15,7 @@ from torch import nn
 from tncompress._version import __version__
 from tncompress.checkpoint import LoadedModel
 from tncompress.measure import MAC_RULE, count_macs, count_params, file_bytes, measure_latency
-from tncompress.planner import calibration_batch
+from tncompress.planner import example_batch
 from tncompress.surgery import candidate_layers
 
 REPORT_SCHEMA_VERSION = 1
@@ -58,9 +58,7 @@ def _layer_rows(loaded: LoadedModel, per_module: dict[str, int]) -> list[dict[st
 def measure_model(loaded: LoadedModel, options: ReportOptions) -> dict[str, Any]:
     """Everything the report says about one model."""
     model: nn.Module = loaded.model.to(options.device).eval()
-    param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None else torch.float32
-    one = calibration_batch(options.input_shape, 1, 0, dtype=dtype, device=options.device)
+    one = example_batch(model, options.input_shape, 1, 0)
     macs = count_macs(model, one)
     entry: dict[str, Any] = {
         "path": loaded.path,
@@ -84,7 +82,7 @@ def measure_model(loaded: LoadedModel, options: ReportOptions) -> dict[str, Any]
         entry["accuracy"] = {"dataset": options.data.name, "top1": metrics["top1"], "top5": metrics["top5"],
                              "images": metrics["images"]}
     if options.latency:
-        batch = calibration_batch(options.input_shape, options.latency_batch, 0, dtype=dtype, device=options.device)
+        batch = example_batch(model, options.input_shape, options.latency_batch, 0)
         if options.channels_last and batch.dim() == 4:
             # Factorized convs are chains of small convs; oneDNN runs them (1×1 and depthwise
             # especially) much faster in NHWC. The report states the layout with the figure.

@@ -187,7 +187,9 @@ def run_sweep(loaded: LoadedModel, recipe_path: str | Path, points: Sequence[Swe
                                   "use another -o folder")
         results["baseline"], results["points"] = previous.get("baseline"), list(previous.get("points") or [])
 
-    x = torch.zeros(shape, dtype=next(model.parameters()).dtype)
+    from tncompress.planner import example_batch
+
+    x = example_batch(model, shape)
     base_params, base_macs = count_params(model), count_macs(model, x).total
     if results["baseline"] is None:
         metrics = evaluate(model, loader)

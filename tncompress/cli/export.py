@@ -28,7 +28,7 @@ def export(
     checked against the PyTorch model at batch 1 and 3 before it is renamed into place."""
     from tncompress.checkpoint import check_output_path
     from tncompress.export import FORMATS, default_output, export_model
-    from tncompress.planner import calibration_batch
+    from tncompress.planner import example_batch
 
     fmt = fmt.lower()
     if fmt not in FORMATS:
@@ -39,8 +39,7 @@ def export(
     check_output_path(output)
     loaded = load_input(checkpoint, arch, arch_args, imports, trust_pickle, input_shape)
     shape = input_shape_of(loaded, input_shape)
-    param = next(loaded.model.parameters(), None)
-    example = calibration_batch(shape, 1, 0) if param is None else calibration_batch(shape, 1, 0, dtype=param.dtype)
+    example = example_batch(loaded.model, shape)
     result = export_model(loaded.model, example, output, fmt, opset=opset)
     checked = (f"outputs match the PyTorch model at batch {' and '.join(map(str, result.batch_sizes))} "
                f"(max abs difference {result.max_abs_diff:.3g}, {result.checked_with})"

@@ -74,6 +74,38 @@ def balanced_modes(features: int, d: int) -> list[int]:
     return sorted(groups)
 
 
+DEGENERATE_RATIO = 4.0
+"""Modes whose largest is more than this many times the smallest are degenerate (50,257 = 29·1733
+split over 4 cores is [1, 1, 29, 1733]): :func:`padded_modes` then pads the size."""
+
+PAD_SLACK = 0.03
+"""At most this share of extra (zero) rows or columns :func:`padded_modes` adds."""
+
+
+def _spread(modes: Sequence[int]) -> float:
+    return max(modes) / min(modes)
+
+
+def padded_modes(features: int, d: int, slack: float = PAD_SLACK) -> list[int]:
+    """:func:`balanced_modes` of ``features``, or of the smallest size up to ``slack`` larger whose
+    modes are the most even, when those of ``features`` itself are degenerate (spread above
+    :data:`DEGENERATE_RATIO`). The product may then exceed ``features``: a TT layer pads the input
+    with zeros or drops the extra outputs."""
+    modes = balanced_modes(features, d)
+    extra = int(features * slack)
+    if d < 2 or extra < 1 or _spread(modes) <= DEGENERATE_RATIO:
+        return modes
+    best, best_key = modes, (_spread(modes), 0)
+    for size in range(features + 1, features + extra + 1):
+        trial = balanced_modes(size, d)
+        key = (_spread(trial), size - features)
+        if key < best_key:
+            best, best_key = trial, key
+            if key[0] <= 1.5:
+                break
+    return best
+
+
 def default_tt_order(features: int) -> int:
     """The default number of TT cores ``d`` for a layer whose larger side has ``features``.
 
@@ -106,8 +138,8 @@ def auto_modes(
         most = max(len(_prime_factors(in_features)), len(_prime_factors(out_features)), 2)
         d = min(d, most)
     d = _positive_int(d, "number of TT cores d")
-    n_sorted = balanced_modes(in_features, d)  # ascending
-    m_sorted = balanced_modes(out_features, d)[::-1]  # descending
+    n_sorted = padded_modes(in_features, d)  # ascending
+    m_sorted = padded_modes(out_features, d)[::-1]  # descending
     pairs = sorted(zip(m_sorted, n_sorted), key=lambda mn: (-mn[0] * mn[1], -mn[1]))
     slots: list[tuple[int, int] | None] = [None] * d
     left, right = 0, d - 1

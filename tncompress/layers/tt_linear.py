@@ -4,6 +4,11 @@
 ``G_k`` of shape ``(r_{k-1}, m_k, n_k, r_k)`` (see :mod:`tncompress.decompositions.tt` for the index
 convention) and ``y = x Wᵀ + b`` is computed core by core without ever forming ``W``.
 
+Padded modes: the modes may multiply to more than the features (``Π n_k ≥ in_features``,
+``Π m_k ≥ out_features``), so that sizes with a large prime factor (a 50,257-word vocabulary) still
+get balanced modes. The cores then hold a ``Π m_k × Π n_k`` matrix ``W_pad`` and the layer computes
+``y = W_pad[:out_features, :in_features] x + b``: the input is zero-padded and the output sliced.
+
 Pure torch: a compressed model runs where tensorly is not installed.
 """
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from tncompress.decompositions.tt import (
     auto_modes,
@@ -154,8 +160,10 @@ class TTLinear(FactorizedLayer):
     """A linear layer whose weight is a TT matrix; a drop-in replacement for ``nn.Linear``.
 
     ``in_modes``/``out_modes`` factor ``in_features``/``out_features`` (chosen by
-    :func:`~tncompress.decompositions.tt.auto_modes` when omitted); ``ranks`` is one rank for every
-    bond (clipped at each bond's useful maximum) or an explicit list of ``d - 1`` ranks.
+    :func:`~tncompress.decompositions.tt.auto_modes` when omitted), or a padded size at least as large
+    (see the module docstring; ``padded_in_features``/``padded_out_features`` are the products);
+    ``ranks`` is one rank for every bond (clipped at each bond's useful maximum) or an explicit list
+    of ``d - 1`` ranks.
     """
 
     method = "tt"
@@ -175,6 +183,8 @@ class TTLinear(FactorizedLayer):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.in_modes, self.out_modes = self._resolve_modes(self.in_features, self.out_features, in_modes, out_modes)
+        self.padded_in_features = math.prod(self.in_modes)
+        self.padded_out_features = math.prod(self.out_modes)
         self.ranks = clip_tt_ranks(ranks, self.out_modes, self.in_modes)
         full = [1, *self.ranks, 1]
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -192,7 +202,8 @@ class TTLinear(FactorizedLayer):
     def _resolve_modes(
         in_features: int, out_features: int, in_modes: Sequence[int] | None, out_modes: Sequence[int] | None
     ) -> tuple[list[int], list[int]]:
-        """Fill in missing modes (same ``d`` as the given side) and check both multiply out."""
+        """Fill in missing modes (same ``d`` as the given side) and check each side's product covers
+        its features (equal, or larger: padded)."""
         if in_modes is None and out_modes is None:
             return auto_modes(in_features, out_features)
         if in_modes is None or out_modes is None:
@@ -209,10 +220,11 @@ class TTLinear(FactorizedLayer):
             raise RankError(f"in_modes {in_m} and out_modes {out_m} must be non-empty and of the same length")
         if any(v < 1 for v in in_m + out_m):
             raise RankError(f"TT modes must be positive integers, got in {in_m}, out {out_m}")
-        if math.prod(in_m) != in_features or math.prod(out_m) != out_features:
+        if math.prod(in_m) < in_features or math.prod(out_m) < out_features:
             raise RankError(
                 f"TT modes do not fit a {in_features}->{out_features} layer: prod(in_modes={in_m}) = "
-                f"{math.prod(in_m)}, prod(out_modes={out_m}) = {math.prod(out_m)}"
+                f"{math.prod(in_m)} (need ≥ {in_features}), prod(out_modes={out_m}) = {math.prod(out_m)} "
+                f"(need ≥ {out_features})"
             )
         return in_m, out_m
 
@@ -220,7 +232,8 @@ class TTLinear(FactorizedLayer):
         """Random init whose materialised W has nn.Linear's default variance.
 
         nn.Linear draws W ~ U(±1/√in) (kaiming-uniform, a=√5), so Var(W_ij) = 1/(3·in). With i.i.d.
-        N(0, σ²) cores, Var(W_ij) = σ^{2d}·Π r_k, hence σ = (std / √Π r_k)^(1/d).
+        N(0, σ²) cores, Var(W_ij) = σ^{2d}·Π r_k, hence σ = (std / √Π r_k)^(1/d). Every entry of a
+        padded W_pad has that variance, so its real block matches the dense layer (real ``in_features``).
         """
         d = len(self.cores)
         std = 1.0 / math.sqrt(3.0 * self.in_features)
@@ -250,7 +263,8 @@ class TTLinear(FactorizedLayer):
 
         ``ranks`` caps the bond ranks (``None``: no cap); ``rel_eps`` additionally truncates so the
         relative Frobenius error of W is at most ``rel_eps``. The scale is spread evenly over the
-        cores (equal Frobenius norms), which keeps gradients balanced when fine-tuning.
+        cores (equal Frobenius norms), which keeps gradients balanced when fine-tuning. With padded
+        modes the weight is zero-padded first (:meth:`padded_weight`); at full rank the layer is exact.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"TTLinear.from_dense expects an nn.Linear, got {type(linear).__name__}")
@@ -261,7 +275,7 @@ class TTLinear(FactorizedLayer):
 
         in_m, out_m = cls._resolve_modes(linear.in_features, linear.out_features, in_modes, out_modes)
         weight = linear.weight.detach()
-        cores = tt_matrix_svd(weight, out_m, in_m, ranks=ranks, rel_eps=rel_eps)
+        cores = tt_matrix_svd(cls.padded_weight(weight, in_m, out_m), out_m, in_m, ranks=ranks, rel_eps=rel_eps)
         norms = [float(torch.linalg.norm(c)) for c in cores]
         if all(n > 0.0 for n in norms):
             target = math.exp(sum(math.log(n) for n in norms) / len(norms))
@@ -283,18 +297,34 @@ class TTLinear(FactorizedLayer):
                 layer.bias.copy_(linear.bias.detach())
         return layer
 
+    @staticmethod
+    def padded_weight(weight: Tensor, in_modes: Sequence[int], out_modes: Sequence[int]) -> Tensor:
+        """``weight`` (out × in) zero-padded to ``(Π out_modes, Π in_modes)`` in float64, for TT-SVD; the
+        weight itself when the modes multiply out exactly (no copy)."""
+        rows, cols = math.prod(out_modes), math.prod(in_modes)
+        if (rows, cols) == tuple(weight.shape):
+            return weight
+        padded = weight.new_zeros(rows, cols, dtype=torch.float64)
+        padded[: weight.shape[0], : weight.shape[1]] = weight.detach()
+        return padded
+
     @classmethod
     def input_kronecker_modes(cls, module: nn.Module, config: dict[str, Any]) -> list[int] | None:
-        """The input modes ``module`` is split into (the cores' ``n_k``), for Kronecker whitening."""
+        """The input modes ``module`` is split into (the cores' ``n_k``), for Kronecker whitening.
+
+        None when the in modes are padded: the input does not reshape into them, so that data-aware
+        path is skipped (padded out modes are fine: whitening acts on the input side only).
+        """
         if not isinstance(module, nn.Linear):
             return None
         in_m, _ = cls._resolve_modes(module.in_features, module.out_features, config.get("in_modes"),
                                      config.get("out_modes"))
-        return in_m
+        return in_m if math.prod(in_m) == module.in_features else None
 
     def map_input_modes(self, maps: list[Tensor]) -> None:
         """``G_k[a, m, j, b] ← Σ_n G_k[a, m, n, b] · maps[k][n, j]`` (float64), then the cores' scale is
-        spread evenly again as in :meth:`from_dense`."""
+        spread evenly again as in :meth:`from_dense`. With padded in modes the maps act on the padded
+        input (that is why :meth:`input_kronecker_modes` returns None then)."""
         if len(maps) != len(self.cores):
             raise RankError(f"expected {len(self.cores)} input-mode maps, got {len(maps)}")
         with torch.no_grad():
@@ -321,12 +351,13 @@ class TTLinear(FactorizedLayer):
         }
 
     def to_dense(self) -> nn.Linear:
-        """The equivalent ``nn.Linear`` (same dtype and device); forms W explicitly."""
+        """The equivalent ``nn.Linear`` (same dtype and device); forms W explicitly (the real block
+        of W_pad when the modes are padded)."""
         ref = self.cores[0]
         dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                           device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
-            dense.weight.copy_(tt_matrix_to_full([c.detach() for c in self.cores]))
+            dense.weight.copy_(tt_matrix_to_full([c.detach() for c in self.cores])[: self.out_features, : self.in_features])
             if self.bias is not None:
                 dense.bias.copy_(self.bias.detach())
         return dense
@@ -339,7 +370,9 @@ class TTLinear(FactorizedLayer):
         precomputed by ``merge()`` (see :meth:`merge_macs` for the merge, which every forward of an
         unmerged layer repeats).
 
-        The bias add is not a MAC and is not counted (as in FlopCounterMode).
+        The bias add is not a MAC and is not counted (as in FlopCounterMode), nor are the zero-padding
+        of the input and the slicing of the output for padded modes; the contractions run over the
+        padded sizes and are counted as such.
         """
         plan = self._plan_for(1)
         return plan.macs - plan.merge_macs
@@ -350,11 +383,15 @@ class TTLinear(FactorizedLayer):
         return self._plan_for(batch).merge_macs
 
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"in_modes={self.in_modes}, out_modes={self.out_modes}, ranks={self.ranks}, "
             f"params={self.num_core_params()}, bias={self.bias is not None}"
         )
+        if self.padded_in_features != self.in_features or self.padded_out_features != self.out_features:
+            text += (f", padded=in {self.in_features}→{self.in_modes}={self.padded_in_features}, "
+                     f"out {self.out_features}→{self.out_modes}={self.padded_out_features}")
+        return text
 
     # ------------------------------------------------------------------ forward
 
@@ -374,9 +411,17 @@ class TTLinear(FactorizedLayer):
         if plan is not None:
             return plan
         shapes = [_core_shape(c) for c in self.cores]
-        limit = _MAX_MERGED_FRACTION * self.in_features * self.out_features
+        dense = self.padded_in_features * self.padded_out_features
+        limit = _MAX_MERGED_FRACTION * dense
         best: _Plan | None = None
-        for groups in _candidate_groupings(len(shapes)):
+        candidates = _candidate_groupings(len(shapes))
+        if len(shapes) > 1 and self.num_core_params() >= dense:
+            # Ranks this large (full TT rank has more parameters than W) make every chain costlier than
+            # forming W once: 768→3072 at full rank ran 201 G MACs per 197 rows as a chain against 0.47 G
+            # through W. Nothing is saved by not materialising W here, so W itself is a candidate.
+            candidates = [*candidates, ((0, len(shapes)),)]
+            limit = max(limit, dense)
+        for groups in candidates:
             if any(b - a > 1 and _numel(_group_shape(shapes, a, b)) > limit for a, b in groups):
                 continue
             for direction in ("r2l", "l2r"):
@@ -436,6 +481,9 @@ class TTLinear(FactorizedLayer):
     def _forward_with_plan(self, x: Tensor, plan: _Plan) -> Tensor:
         lead = x.shape[:-1]
         t = x.reshape(-1, self.in_features)
+        if self.padded_in_features != self.in_features:
+            t = F.pad(t, (0, self.padded_in_features - self.in_features))  # zeros meet W_pad's extra columns
+        sliced = self.padded_out_features != self.out_features
         mats = self._merged_cores(plan)
         # State layouts (never permuted): r2l before step k: (B, N_1..N_k, r_k, M_{k+1}..M_K);
         # l2r before step k: (B, M_1..M_{k-1}, r_{k-1}, N_k..N_K). The contracted axes (N_k, r_k) /
@@ -446,12 +494,16 @@ class TTLinear(FactorizedLayer):
             mat = mats[step.group]
             if step.s == 1:
                 t = t.reshape(-1, step.q)
-                if i == last and self.bias is not None and step.r == self.out_features:  # fuse the bias
+                if i == last and self.bias is not None and not sliced and step.r == self.out_features:  # fuse the bias
                     t = torch.addmm(self.bias, t, mat.t())
                     return t.reshape(*lead, self.out_features)
                 t = torch.mm(t, mat.t())
             else:
                 t = torch.matmul(mat, t.reshape(-1, step.q, step.s))
+        if sliced:
+            t = t.reshape(-1, self.padded_out_features)[:, : self.out_features]
+            if self.bias is None:
+                t = t.contiguous()  # as nn.Linear's output: later .view() calls must work
         y = t.reshape(*lead, self.out_features)
         if self.bias is not None:
             y = y + self.bias

@@ -198,12 +198,20 @@ def conv_kwargs(conv: nn.Conv2d) -> dict[str, Any]:
             "dilation": list(conv.dilation), "bias": conv.bias is not None, "padding_mode": conv.padding_mode}
 
 
+def linear_positions(in_shape: Sequence[int]) -> int:
+    """How many feature vectors a Linear maps for an input traced at a batch of one: every dim but
+    the last (so a sequence-first (L, 1, E) input, as nn.MultiheadAttention takes, counts L)."""
+    return math.prod(int(s) for s in in_shape[:-1]) if len(in_shape) > 1 else 1
+
+
 def layer_macs(layer: nn.Module, in_shape: Sequence[int]) -> int:
-    """MACs of one sample through a factorized layer, for the input shape traced at the dense layer."""
+    """MACs of one sample through a factorized layer, for the input shape traced at the dense layer
+    (at a batch of one)."""
     if hasattr(layer, "in_channels"):  # a conv: MACs depend on the spatial size
         return int(layer.macs_per_sample((int(in_shape[-2]), int(in_shape[-1]))))  # type: ignore[operator]
-    positions = math.prod(in_shape[1:-1]) if len(in_shape) > 2 else 1
-    return positions * int(layer.macs_per_sample())  # type: ignore[operator]
+    if hasattr(layer, "num_embeddings"):  # an embedding: every id is a token
+        return math.prod(int(s) for s in in_shape) * int(layer.macs_per_sample())  # type: ignore[operator]
+    return linear_positions(in_shape) * int(layer.macs_per_sample())  # type: ignore[operator]
 
 
 def meta_macs(cls: type[FactorizedLayer], config: dict[str, Any], in_shape: Sequence[int]) -> int:
