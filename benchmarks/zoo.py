@@ -154,7 +154,7 @@ def error_record(exc: BaseException) -> dict[str, Any]:
 def shorten_reason(kind: str, reason: str, limit: int = 160) -> str:
     """A kept layer's reason with its numbers and layer names taken out, so equal reasons group."""
     text = re.sub(r"tied to \S+", "tied to another layer's", reason)
-    text = re.sub(r"(?<![\w.-])\d[\d,.]*(?![\w-])", "N", text)
+    text = re.sub(r"(?<![\w.-])\d[\d,.]*(?![\w-])", "N", text).replace("needs groups=N", "needs groups=1")
     text = re.sub(r"\s+", " ", text).strip()
     if len(text) > limit:
         text = text[:limit].rsplit(" ", 1)[0] + " …"

@@ -305,3 +305,48 @@ def test_tiny_bert_from_its_config():
     with torch.no_grad():
         out = result.model(ids).last_hidden_state
     assert out.shape == (2, 8, 16) and torch.isfinite(out).all()
+
+
+def test_a_hugging_face_model_exports_its_logits(tmp_path):
+    tf = _hf()
+    from tncompress.export import export_model
+
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=101, n_embd=16, n_layer=1, n_head=2, n_positions=32)).eval()
+    result = export_model(model, example_batch(model, [1, 8]), tmp_path / "gpt2.ts", "torchscript")
+    assert result.output == "logits" and result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+    ids = torch.randint(0, 101, (2, 8))
+    with torch.no_grad():
+        got = torch.jit.load(str(tmp_path / "gpt2.ts"))(ids)
+    torch.testing.assert_close(got, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+class Versioned(nn.Module):
+    """Checks its state-dict version on load, as torchvision's MNASNet does."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean((2, 3)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_a_model_that_checks_its_state_dict_version_reloads(tmp_path):
+    torch.manual_seed(0)
+    model = Versioned().eval()
+    result = decompose(model, recipe({"Linear": {"method": "lowrank", "rank": 2}}), input_shape=[1, 3, 8, 8])
+    path = tmp_path / "v.pt"
+    save_compressed(path, result.model, spec=None, plan=[p.to_dict() for p in result.plan], recipe={})
+    again = load(path, base_model=Versioned())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), result.model(x))

@@ -6,6 +6,8 @@ dicts, lists, strings, numbers and tensors (see :func:`save_compressed` for the 
 """
 from __future__ import annotations
 
+import copy
+
 import glob
 import logging
 import os
@@ -14,6 +16,7 @@ import sys
 import tempfile
 import types
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,9 +155,18 @@ def _plain(value: Any) -> Any:
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
     """Drop a DataParallel / DistributedDataParallel ``module.`` prefix when every key has it."""
     keys = list(state_dict)
+    meta = getattr(state_dict, "_metadata", None)
+    out: dict[str, torch.Tensor]
     if keys and all(k.startswith(prefix) for k in keys):
-        return {k[len(prefix):]: v for k, v in state_dict.items()}
-    return dict(state_dict)
+        out = OrderedDict((k[len(prefix):], v) for k, v in state_dict.items())
+        if meta is not None:  # the per-module versions, under the stripped names
+            meta = OrderedDict((k[len(prefix):] if k.startswith(prefix) else ("" if k == prefix[:-1] else k), v)
+                               for k, v in meta.items())
+    else:
+        out = OrderedDict(state_dict)
+    if meta is not None:
+        out._metadata = meta  # type: ignore[attr-defined]
+    return out
 
 
 class _MainClassNotFound(Exception):
@@ -349,6 +361,12 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
             raise CheckpointError(
                 f"{source}: {key} has shape {tuple(state_dict[key].shape)} but the architecture expects "
                 f"{tuple(tensor.shape)} — is --arch (and --arch-arg, e.g. num_classes) right?")
+    if getattr(state_dict, "_metadata", None) is None and getattr(expected, "_metadata", None) is not None:
+        # A state dict without PyTorch's per-module version metadata (rebuilt as a plain dict, or
+        # written by such code) loads with the versions of the model as built now: modules that
+        # check their version on load (torchvision's MNASNet) refuse None.
+        state_dict = OrderedDict(state_dict)
+        state_dict._metadata = copy.deepcopy(expected._metadata)  # type: ignore[attr-defined]
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -504,7 +522,10 @@ def save_compressed(path: str | Path, model: nn.Module, *, spec: ModelSpec | Non
             raise CheckpointError(f"{path}: layers {sorted(missing)} are listed as factorized but the model "
                                   "holds no factorized layer there")
     layers = structure
-    state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    own = model.state_dict()
+    state_dict: dict[str, torch.Tensor] = OrderedDict((k, v.detach().cpu().clone()) for k, v in own.items())
+    if hasattr(own, "_metadata"):  # per-module state-dict versions (torchvision's MNASNet reads them)
+        state_dict._metadata = copy.deepcopy(own._metadata)  # type: ignore[attr-defined]
     payload = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

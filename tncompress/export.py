@@ -38,6 +38,34 @@ class ExportResult:
     max_abs_diff: float | None       # against the PyTorch model on the check batch; None if not checked
     checked_with: str | None         # "torch.jit.load", "onnxruntime" or None
     batch_sizes: list[int]
+    output: str | None = None        # which part of a structured output was exported ("logits"); None: the tensor
+
+
+class _PrimaryOutput(nn.Module):
+    """A model whose output is a Hugging Face ``ModelOutput`` / dict / tuple, reduced to the one
+    tensor it is judged by (``logits``, ``last_hidden_state``, or its first tensor), so tracers and
+    exporters see one tensor in and one out."""
+
+    def __init__(self, model: nn.Module, key: str | int) -> None:
+        super().__init__()
+        self.model = model
+        self.key = key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out[self.key]
+
+
+def _output_key(output: Any) -> str | int | None:
+    """Where the primary tensor of a structured output lives (see :func:`tncompress.apply.primary_output`)."""
+    from tncompress.apply import primary_output
+
+    tensor = primary_output(output)
+    if tensor is None:
+        return None
+    if isinstance(output, dict):
+        return next(k for k, v in output.items() if v is tensor)
+    return next(i for i, v in enumerate(output) if v is tensor)
 
 
 def default_output(source: str | Path, fmt: str) -> Path:
@@ -126,9 +154,18 @@ def export_model(model: nn.Module, example: torch.Tensor, path: str | Path, fmt:
     example = torch.cat([example.cpu()[:1]] * 2)
     with torch.no_grad():
         references = [model(b) for b in batches]
+    output_name = None
     if not all(isinstance(r, torch.Tensor) for r in references):
-        raise ExportError("export supports models with one tensor input and one tensor output")
-    result = ExportResult(Path(path), fmt, None, None, [int(b.shape[0]) for b in batches])
+        kind = type(references[0]).__name__
+        key = _output_key(references[0])
+        if key is None:
+            raise ExportError("export supports models with one tensor input and a tensor output (or a structured "
+                              "output such as a Hugging Face ModelOutput holding one)")
+        model = _PrimaryOutput(model, key)
+        references = [r[key] for r in references]
+        output_name = str(key)
+        log.info("the model returns a %s; exporting its %r tensor", kind, key)
+    result = ExportResult(Path(path), fmt, None, None, [int(b.shape[0]) for b in batches], output_name)
 
     def write(tmp: Path) -> None:
         try:

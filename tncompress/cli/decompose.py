@@ -119,7 +119,7 @@ def decompose(
     console.print(plan_table(layers, f"Decomposed {checkpoint} → {output} (errors: relative Frobenius norm; "
                                       f"output error on {calib['samples']:,} calibration samples: {calib['kind']})"))
     print_notes(layers)
-    console.print(totals_line(layers, params_before))
+    console.print(totals_line(layers, params_before, count_params(result.model)))
     print_budget(budget)
     if model_error is not None:
         console.print(f"model output error on the calibration batch: {model_error:.3g} (relative)")

@@ -44,7 +44,8 @@ def export(
     checked = (f"outputs match the PyTorch model at batch {' and '.join(map(str, result.batch_sizes))} "
                f"(max abs difference {result.max_abs_diff:.3g}, {result.checked_with})"
                if result.max_abs_diff is not None else "outputs not checked (onnxruntime is not installed)")
-    console.print(f"wrote {output} ({fmt}, input {shape}); {checked}", highlight=False)
+    part = f"; it returns the model's {result.output!r} output" if result.output is not None else ""
+    console.print(f"wrote {output} ({fmt}, input {shape}){part}; {checked}", highlight=False)
 
 
 # --- training ------------------------------------------------------------------------------------

@@ -41,17 +41,19 @@ def fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.3g}"
 
 
-def totals_line(plan, model_params_before: int) -> str:
+def totals_line(plan, model_params_before: int, model_params_after: int | None = None) -> str:
+    """The plan's totals; ``model_params_after`` is the written model's count where it exists (the
+    plan's own arithmetic otherwise)."""
     before = sum(p.params_before for p in plan)
     after = sum(p.params_after for p in plan)
     macs_b = sum(p.macs_before for p in plan)
     macs_a = sum(p.macs_after for p in plan)
     n = sum(p.action == "decompose" for p in plan)
-    total_after = model_params_before - before + after
+    total_after = model_params_before - before + after if model_params_after is None else model_params_after
     params_change = 100 * (total_after / model_params_before - 1) if model_params_before else 0.0
     macs_change = 100 * (macs_a / macs_b - 1) if macs_b else 0.0
     return (f"{n} of {len(plan)} layers factorized; model params {model_params_before:,} → {total_after:,} "
-            f"({params_change:+.1f}%); MACs per sample of the Linear/Conv2d layers {macs_b:,} → {macs_a:,} "
+            f"({params_change:+.1f}%); MACs per sample of the planned layers {macs_b:,} → {macs_a:,} "
             f"({macs_change:+.1f}%)")
 
 

@@ -93,15 +93,17 @@ def tucker2(
     ranks: tuple[int, int],
     method: str = "hooi",
     n_iter: int = 20,
-    tol: float = 1e-8,
+    tol: float = 1e-3,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Tucker-2 of a conv kernel (cout, cin, kh, kw) at ranks (r_out, r_in), in float64.
 
     Returns ``(core, out_factor, in_factor)`` with ``core`` of shape (r_out, r_in, kh, kw),
     ``out_factor`` (cout × r_out) and ``in_factor`` (cin × r_in), both with orthonormal columns,
     such that :func:`tucker2_to_kernel` approximates the kernel. ``method`` is ``"hooi"`` (HOSVD
-    init + up to ``n_iter`` HOOI sweeps, stopping when the core norm changes by less than ``tol``
-    relative to the kernel norm) or ``"hosvd"`` (truncated HOSVD only). Ranks outside
+    init + up to ``n_iter`` HOOI sweeps, stopping when a sweep lowers the squared error by less than
+    ``tol`` of itself) or ``"hosvd"`` (truncated HOSVD only). The squared error is ‖K‖² − ‖core‖²
+    (the factors are orthonormal), so the test costs nothing. With ``tol = 1e-3`` HOOI stops after 3–5
+    sweeps on trained and random kernels, within 0.1% of the error after 20 (docs/performance.md). Ranks outside
     1 ≤ r_out ≤ cout, 1 ≤ r_in ≤ cin raise :class:`RankError`.
     """
     if method not in TUCKER2_METHODS:
@@ -120,7 +122,7 @@ def tucker2(
 
     full = r_out == cout and r_in == cin  # nothing to optimise: the factors are complete bases
     if method == "hooi" and not full:
-        k_norm = torch.linalg.vector_norm(k).item()
+        k_sq = torch.linalg.vector_norm(k).item() ** 2
         prev = None
         for it in range(n_iter):
             # Update U_out with U_in fixed: leading vectors of K ×_1 U_inᵀ.
@@ -129,11 +131,12 @@ def tucker2(
             # Update U_in with U_out fixed: leading vectors of K ×_0 U_outᵀ.
             y = torch.einsum("oihw,oa->iahw", k, u_out)
             u_in = _leading_left_vectors(y.reshape(cin, -1), r_in)
-            core_norm = torch.linalg.vector_norm(torch.einsum("iahw,ib->abhw", y, u_in)).item()
-            if prev is not None and abs(core_norm - prev) <= tol * max(k_norm, 1e-300):
+            core_sq = torch.linalg.vector_norm(torch.einsum("iahw,ib->abhw", y, u_in)).item() ** 2
+            err_sq = max(k_sq - core_sq, 0.0)
+            if prev is not None and prev - err_sq <= tol * max(err_sq, 1e-300 * k_sq):
                 log.debug("HOOI converged after %d sweeps", it + 1)
                 break
-            prev = core_norm
+            prev = err_sq
     core = torch.einsum("oihw,oa,ib->abhw", k, u_out, u_in)
     return core, u_out, u_in
 
