@@ -7,7 +7,6 @@ dicts, lists, strings, numbers and tensors (see :func:`save_compressed` for the 
 from __future__ import annotations
 
 import copy
-
 import glob
 import logging
 import os
