@@ -377,6 +377,15 @@ class TTLinear(FactorizedLayer):
         plan = self._plan_for(1)
         return plan.macs - plan.merge_macs
 
+    def macs_for_rows(self, rows: int) -> int:
+        """MACs of one merged inference forward of ``rows`` feature vectors (a sequence of tokens, or
+        a batch), with the schedule chosen for that many rows: a long sequence may run another
+        schedule than a single row (forming W, for large ranks)."""
+        rows = max(1, int(rows))
+        plan = self._plan_for(rows)
+        bucket = 1 << max(0, rows - 1).bit_length()
+        return (plan.macs - plan.merge_macs) * rows // bucket
+
     def merge_macs(self, batch: int = 1) -> int:
         """MACs of merging neighbouring cores for the plan used at ``batch``: done on every forward,
         once after ``merge()``."""
@@ -411,18 +420,19 @@ class TTLinear(FactorizedLayer):
         if plan is not None:
             return plan
         shapes = [_core_shape(c) for c in self.cores]
-        dense = self.padded_in_features * self.padded_out_features
-        limit = _MAX_MERGED_FRACTION * dense
+        limit = _MAX_MERGED_FRACTION * self.padded_in_features * self.padded_out_features
         best: _Plan | None = None
         candidates = _candidate_groupings(len(shapes))
-        if len(shapes) > 1 and self.num_core_params() >= dense:
-            # Ranks this large (full TT rank has more parameters than W) make every chain costlier than
-            # forming W once: 768→3072 at full rank ran 201 G MACs per 197 rows as a chain against 0.47 G
-            # through W. Nothing is saved by not materialising W here, so W itself is a candidate.
-            candidates = [*candidates, ((0, len(shapes)),)]
-            limit = max(limit, dense)
+        whole = ((0, len(shapes)),)
+        if len(shapes) > 1:
+            # W itself is a candidate, costed like every schedule (its merge MACs, its elements, one
+            # GEMM): with large ranks every chain costs more than forming W once (768→3072 at full TT
+            # rank ran 201 G MACs per 197 rows as a chain against 0.47 G through W; at half the
+            # parameters, 87 G for 1,576 rows with 0.7 G elements of intermediates per call). For the
+            # small ranks TT is meant for, the chain is far cheaper and W is never chosen.
+            candidates = [*candidates, whole]
         for groups in candidates:
-            if any(b - a > 1 and _numel(_group_shape(shapes, a, b)) > limit for a, b in groups):
+            if groups != whole and any(b - a > 1 and _numel(_group_shape(shapes, a, b)) > limit for a, b in groups):
                 continue
             for direction in ("r2l", "l2r"):
                 plan = _make_plan(shapes, groups, direction, bucket)

@@ -211,6 +211,8 @@ def layer_macs(layer: nn.Module, in_shape: Sequence[int]) -> int:
         return int(layer.macs_per_sample((int(in_shape[-2]), int(in_shape[-1]))))  # type: ignore[operator]
     if hasattr(layer, "num_embeddings"):  # an embedding: every id is a token
         return math.prod(int(s) for s in in_shape) * int(layer.macs_per_sample())  # type: ignore[operator]
+    if hasattr(layer, "macs_for_rows"):  # the schedule depends on how many rows run together (TT)
+        return int(layer.macs_for_rows(linear_positions(in_shape)))  # type: ignore[operator]
     return linear_positions(in_shape) * int(layer.macs_per_sample())  # type: ignore[operator]
 
 
