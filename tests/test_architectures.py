@@ -350,3 +350,24 @@ def test_a_model_that_checks_its_state_dict_version_reloads(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(again(x), result.model(x))
+
+
+def test_a_large_rank_tt_runs_through_w_when_that_is_cheaper():
+    """At full TT rank every core-by-core chain costs more than forming W once (768→3072 at full rank
+    ran 201 G MACs per 197 rows as a chain); the schedule search costs W like any other schedule."""
+    from tncompress.layers import TTLinear
+    from tncompress.measure import LargestTensorMode
+
+    torch.manual_seed(0)
+    dense = nn.Linear(96, 128)
+    layer = TTLinear.from_dense(dense, ranks=None, in_modes=[4, 4, 6], out_modes=[4, 4, 8]).eval()
+    rows = torch.randn(2, 50, 96)
+    assert layer._plan_for(100).groups == ((0, 3),)
+    with torch.no_grad(), LargestTensorMode() as seen:
+        out = layer(rows)
+    torch.testing.assert_close(out, dense(rows), rtol=1e-4, atol=1e-5)
+    assert seen.largest <= 100 * 128 + 96 * 128 * 2  # the output and W, never a chain's (rows × rank) blow-up
+    traced = torch.jit.trace(layer, (rows,), check_trace=False)
+    torch.testing.assert_close(traced(rows), out, rtol=1e-5, atol=1e-6)
+    small = TTLinear.from_dense(dense, ranks=2, in_modes=[4, 4, 6], out_modes=[4, 4, 8])
+    assert small._plan_for(100).groups != ((0, 3),)  # TT-sized ranks keep the chain

@@ -525,5 +525,10 @@ class TTLinear(FactorizedLayer):
         numel = x.numel()
         # Under torch.export the batch is symbolic: choosing a schedule by its value would freeze
         # it, so exported graphs use the batch-1 schedule (every schedule is exact at any batch).
-        batch = numel // self.in_features if isinstance(numel, int) else 1
+        # torch.jit.trace freezes whatever schedule it sees anyway, so it gets the one for the traced
+        # rows: the batch-1 schedule of a large-rank layer run on a 394-row trace needed 0.7 GB per call.
+        if isinstance(numel, int):
+            batch = numel // self.in_features
+        else:
+            batch = int(numel) // self.in_features if torch.jit.is_tracing() else 1
         return self._forward_with_plan(x, self._plan_for(batch))
