@@ -26,7 +26,10 @@ from tncompress.errors import RankError
 
 __all__ = [
     "balanced_modes",
+    "padded_modes",
     "auto_modes",
+    "balance_core_norms",
+    "zero_padded",
     "default_tt_order",
     "max_tt_ranks",
     "clip_tt_ranks",
@@ -104,6 +107,26 @@ def padded_modes(features: int, d: int, slack: float = PAD_SLACK) -> list[int]:
             if key[0] <= 1.5:
                 break
     return best
+
+
+def balance_core_norms(cores: Sequence[Tensor]) -> list[Tensor]:
+    """The same TT with every core rescaled to the geometric mean of their Frobenius norms (the
+    product is unchanged), which keeps the cores' gradients balanced when fine-tuning."""
+    norms = [float(torch.linalg.norm(c)) for c in cores]
+    if not all(n > 0.0 for n in norms):
+        return list(cores)
+    target = math.exp(sum(math.log(n) for n in norms) / len(norms))
+    return [c * (target / n) for c, n in zip(cores, norms)]
+
+
+def zero_padded(matrix: Tensor, rows: int, cols: int) -> Tensor:
+    """``matrix`` in float64 with zero rows and columns added up to ``rows × cols`` (the matrix itself,
+    no copy, when it already has that shape): what TT-SVD of padded modes decomposes."""
+    if (rows, cols) == tuple(matrix.shape):
+        return matrix
+    padded = matrix.new_zeros(rows, cols, dtype=torch.float64)
+    padded[: matrix.shape[0], : matrix.shape[1]] = matrix.detach()
+    return padded
 
 
 def default_tt_order(features: int) -> int:

@@ -137,6 +137,18 @@ class FactorizedConv2d(FactorizedLayer):
         padding_mode: PaddingMode
         pointwise_out: nn.Conv2d
 
+    def set_geometry(self, in_channels: int, out_channels: int, kernel_size: _IntPair, stride: _IntPair,
+                     padding: str | _IntPair, dilation: _IntPair, padding_mode: str) -> None:
+        """Check and store the dense conv's geometry (every factorized conv starts with this)."""
+        _check_channels(in_channels, out_channels)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.padding = _padding(padding)
+        self.dilation = _pair(dilation, "dilation")
+        self.padding_mode = _padding_mode(padding_mode)
+
     def conv_chain(self) -> list[nn.Conv2d]:  # pragma: no cover - overridden
         """The convolutions in the order the input flows through them."""
         raise NotImplementedError

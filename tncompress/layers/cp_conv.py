@@ -23,11 +23,9 @@ from torch import Tensor, nn
 from tncompress.errors import RankError, RecipeError, TncompressError
 from tncompress.layers.conv_base import (
     FactorizedConv2d,
-    _check_channels,
     _decomposition_device,
     _IntPair,
     _padding,
-    _padding_mode,
     _pair,
     conv_unsupported_reason,
     split_geometry,
@@ -61,18 +59,11 @@ class CPConv2d(FactorizedConv2d):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_channels(in_channels, out_channels)
+        self.set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise RankError(f"CP rank must be an integer >= 1, got {rank!r}")
         if form not in CP_FORMS:
             raise RecipeError(f"unknown CP form {form!r}; choose one of {', '.join(CP_FORMS)}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.padding = _padding(padding)
-        self.dilation = _pair(dilation, "dilation")
-        self.padding_mode = _padding_mode(padding_mode)
         self.rank = rank
         self.form = form
         self.fit_info: dict[str, Any] | None = None

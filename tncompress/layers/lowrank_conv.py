@@ -20,12 +20,8 @@ from torch import Tensor, nn
 from tncompress.errors import RankError, TncompressError
 from tncompress.layers.conv_base import (
     FactorizedConv2d,
-    _check_channels,
     _decomposition_device,
     _IntPair,
-    _padding,
-    _padding_mode,
-    _pair,
     conv_unsupported_reason,
 )
 
@@ -56,16 +52,9 @@ class LowRankConv2d(FactorizedConv2d):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_channels(in_channels, out_channels)
+        self.set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode)
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
             raise RankError(f"low-rank conv rank must be a positive integer, got {rank!r}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.padding = _padding(padding)
-        self.dilation = _pair(dilation, "dilation")
-        self.padding_mode = _padding_mode(padding_mode)
         self.rank: int = min(int(rank), out_channels, in_channels * self.kernel_size[0] * self.kernel_size[1])
         self.rel_error: float | None = None  # kernel error after from_dense
         fk: dict[str, Any] = {"device": device, "dtype": dtype}

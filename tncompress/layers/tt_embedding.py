@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tncompress.decompositions.tt import clip_tt_ranks, tt_matrix_to_full
+from tncompress.decompositions.tt import balance_core_norms, clip_tt_ranks, tt_matrix_to_full, zero_padded
 from tncompress.errors import RankError
 from tncompress.layers.base import FactorizedLayer
 from tncompress.layers.lowrank_embedding import (
@@ -132,14 +132,9 @@ class TTEmbedding(FactorizedLayer):
         # Validates the modes (and that they cover the table) before any work.
         probe = cls(embedding.num_embeddings, embedding.embedding_dim, vocab_modes, dim_modes,
                     ranks=ranks if ranks is not None else 1, device="meta")
-        rows, cols = math.prod(probe.vocab_modes), math.prod(probe.dim_modes)
-        table = weight.new_zeros(rows, cols, dtype=torch.float64)
-        table[: embedding.num_embeddings, : embedding.embedding_dim] = weight
+        table = zero_padded(weight.double(), math.prod(probe.vocab_modes), math.prod(probe.dim_modes))
         cores = tt_matrix_svd(table, probe.vocab_modes, probe.dim_modes, ranks=ranks, rel_eps=rel_eps)
-        norms = [float(torch.linalg.norm(c)) for c in cores]
-        if all(n > 0.0 for n in norms):
-            target = math.exp(sum(math.log(n) for n in norms) / len(norms))
-            cores = [c * (target / n) for c, n in zip(cores, norms)]
+        cores = balance_core_norms(cores)
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, probe.vocab_modes, probe.dim_modes,
                     ranks=[int(c.shape[3]) for c in cores[:-1]], padding_idx=embedding.padding_idx,
                     device=weight.device, dtype=weight.dtype)

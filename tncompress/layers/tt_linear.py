@@ -25,9 +25,11 @@ from torch.nn import functional as F
 
 from tncompress.decompositions.tt import (
     auto_modes,
+    balance_core_norms,
     balanced_modes,
     clip_tt_ranks,
     tt_matrix_to_full,
+    zero_padded,
 )
 from tncompress.errors import RankError
 from tncompress.layers.base import FactorizedLayer, linear_unsupported_reason
@@ -276,10 +278,7 @@ class TTLinear(FactorizedLayer):
         in_m, out_m = cls._resolve_modes(linear.in_features, linear.out_features, in_modes, out_modes)
         weight = linear.weight.detach()
         cores = tt_matrix_svd(cls.padded_weight(weight, in_m, out_m), out_m, in_m, ranks=ranks, rel_eps=rel_eps)
-        norms = [float(torch.linalg.norm(c)) for c in cores]
-        if all(n > 0.0 for n in norms):
-            target = math.exp(sum(math.log(n) for n in norms) / len(norms))
-            cores = [c * (target / n) for c, n in zip(cores, norms)]
+        cores = balance_core_norms(cores)
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -301,12 +300,7 @@ class TTLinear(FactorizedLayer):
     def padded_weight(weight: Tensor, in_modes: Sequence[int], out_modes: Sequence[int]) -> Tensor:
         """``weight`` (out × in) zero-padded to ``(Π out_modes, Π in_modes)`` in float64, for TT-SVD; the
         weight itself when the modes multiply out exactly (no copy)."""
-        rows, cols = math.prod(out_modes), math.prod(in_modes)
-        if (rows, cols) == tuple(weight.shape):
-            return weight
-        padded = weight.new_zeros(rows, cols, dtype=torch.float64)
-        padded[: weight.shape[0], : weight.shape[1]] = weight.detach()
-        return padded
+        return zero_padded(weight, math.prod(out_modes), math.prod(in_modes))
 
     @classmethod
     def input_kronecker_modes(cls, module: nn.Module, config: dict[str, Any]) -> list[int] | None:
@@ -330,10 +324,7 @@ class TTLinear(FactorizedLayer):
         with torch.no_grad():
             mapped = [torch.einsum("amnb,nj->amjb", core.double(), m.to(core.device, torch.float64))
                       for core, m in zip(self.cores, maps)]
-            norms = [float(torch.linalg.norm(c)) for c in mapped]
-            if all(n > 0.0 for n in norms):
-                target = math.exp(sum(math.log(n) for n in norms) / len(norms))
-                mapped = [c * (target / n) for c, n in zip(mapped, norms)]
+            mapped = balance_core_norms(mapped)
             for param, core in zip(self.cores, mapped):
                 param.copy_(core.to(param.dtype))
 

@@ -19,12 +19,8 @@ from torch import Tensor, nn
 from tncompress.errors import RankError, TncompressError
 from tncompress.layers.conv_base import (
     FactorizedConv2d,
-    _check_channels,
     _decomposition_device,
     _IntPair,
-    _padding,
-    _padding_mode,
-    _pair,
     conv_unsupported_reason,
     split_geometry,
 )
@@ -61,15 +57,8 @@ class Tucker2Conv2d(FactorizedConv2d):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_channels(in_channels, out_channels)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
+        self.set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode)
         self.ranks = _check_ranks(ranks, in_channels, out_channels)  # (r_in, r_out)
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.padding = _padding(padding)
-        self.dilation = _pair(dilation, "dilation")
-        self.padding_mode = _padding_mode(padding_mode)
         self.fit_info: dict[str, Any] | None = None  # only CP fills it
         self.rel_error: float | None = None  # kernel error after from_dense
         r_in, r_out = self.ranks
