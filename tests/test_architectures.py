@@ -170,6 +170,8 @@ def test_a_model_that_starts_with_an_embedding_gets_token_ids():
     ids = example_batch(model, [1, 6], 4, 0)
     assert ids.dtype == torch.int64 and ids.shape == (4, 6) and 0 <= int(ids.min()) and int(ids.max()) < 50
     assert token_vocabulary(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Embedding(5, 2))) is None
+    factorized = nn.Sequential(TTEmbedding(50, 8, [5, 10], [2, 4], ranks=2), nn.Linear(8, 2))
+    assert token_vocabulary(factorized) == 50  # its cores live in a child ParameterList
     result = decompose(model, recipe({"Linear": {"method": "lowrank", "rank": 2}}), input_shape=[1, 6])
     assert result.calibration["kind"] == "random token ids below 50"
 

@@ -91,9 +91,12 @@ def token_vocabulary(model: nn.Module) -> int | None:
     language model; a vision model starts with a conv or a Linear.
     """
     for module in model.modules():
+        vocab = getattr(module, "num_embeddings", None)
+        if "Embedding" in type(module).__name__ and isinstance(vocab, int):
+            if any(True for _ in module.parameters()):  # a factorized table keeps its cores in children
+                return int(vocab)
         if any(True for _ in module.parameters(recurse=False)):
-            vocab = getattr(module, "num_embeddings", None)
-            return int(vocab) if "Embedding" in type(module).__name__ and isinstance(vocab, int) else None
+            return None
     return None
 
 
@@ -281,7 +284,8 @@ def plan_layer(choice: LayerChoice, module: nn.Module,
         return plan
     applicable = [*methods_for(tname), "none"]
     if name not in applicable:
-        raise RecipeError(f"{where}: method {name!r} does not apply to a {tname}; use one of {', '.join(applicable)}")
+        article = "an" if tname[:1].lower() in "aeiou" else "a"
+        raise RecipeError(f"{where}: method {name!r} does not apply to {article} {tname}; use one of {', '.join(applicable)}")
     keys = frozenset() if name == "none" else get_method(name).settings.keys()
     extra = set(choice.settings) - {"method"} - keys - COMMON_SETTING_KEYS
     if extra:
