@@ -83,7 +83,7 @@ def test_resnet18_tucker2_meets_the_budget(r18_scan, metric, ratio):
     achieved = structural_ratio(R18, plan, metric, [1, 3, 32, 32])
     assert abs(achieved / ratio - 1) <= 0.02, achieved
     assert plan.budget["achieved_ratio"] == pytest.approx(achieved, rel=1e-9)  # the planner counts what is built
-    assert allocation.combined <= allocation.uniform_combined  # never worse than uniform, measured whole
+    assert allocation.beaten_by == []  # no baseline is better beyond the calibration batch's noise
     decided = [p for p in plan if p.budget is not None]
     assert len(decided) == 19 and all(p.reason.startswith("budget: ") for p in decided)
     assert all(p.budget["measured"] >= 1 and p.budget["scan_seconds"] >= 0 for p in decided)
@@ -106,7 +106,7 @@ def test_mlp_meets_the_budget(method, ratio, candidates):
     plan = make_plan(model, rec, [1, 1, 32, 32])
     achieved = structural_ratio(MLP, plan, "params", [1, 1, 32, 32])
     assert abs(achieved / ratio - 1) <= 0.02, achieved
-    assert plan.budget["combined"] <= plan.budget["uniform_combined"]
+    assert plan.budget["beaten_by"] == []  # not worse than uniform beyond the noise of 8 samples
     assert plan.budget["achieved_ratio"] == pytest.approx(achieved, rel=1e-9)
 
 
@@ -209,7 +209,7 @@ def test_refined_allocation_is_never_worse_than_uniform(method, ratio):
     for baseline in (uniform_allocate(costs, room), uniform_rank_allocate(scanned.ladders, costs, room)):
         baseline_total = fixed + sum(c[i] for c, i in zip(costs, baseline))
         if abs(baseline_total / (ratio * total) - 1) <= 0.02:  # a baseline off the budget is no competitor
-            assert allocation.combined <= scanned.combined(baseline) + 1e-12
+            assert not scanned.better(baseline, allocation.choice)
     score, disagreement, kl = scanned.selection(allocation.choice)
     assert score == allocation.combined and 0 <= disagreement <= 1 and kl >= 0
     assert disagreement <= score < disagreement + 1e-4  # KL only breaks ties
@@ -227,3 +227,78 @@ def test_refine_moves_within_the_window():
     assert 190 <= costs[0][choice[0]] + costs[1][choice[1]] <= 200
     assert choice[0] > 9 and choice[1] < 9 and moves >= 1 and 1 <= evaluations <= 500
     assert score(choice) < score([9, 9])
+
+
+# --- comparisons beyond the calibration batch's noise (issue 20, item 1) --------------------------
+
+def _scored(agree: list[int], kl: list[float]):
+    from tncompress.budget import KL_TIEBREAK, Scored
+
+    a, k = np.array(agree, dtype=bool), np.array(kl, dtype=float)
+    return Scored(float(1 - a.mean()) + KL_TIEBREAK * float(k.mean()), float(1 - a.mean()), float(k.mean()), a, k)
+
+
+def test_one_flipped_sample_of_eight_is_not_significant():
+    from tncompress.budget import significantly_better
+
+    same_kl = [0.1] * 8
+    one_more = _scored([1, 1, 1, 1, 1, 1, 1, 1], same_kl)
+    fewer = _scored([1, 1, 1, 1, 1, 1, 1, 0], same_kl)
+    assert fewer.score > one_more.score  # the raw score prefers it …
+    assert not significantly_better(one_more, fewer)  # … but one sample of 8 is noise
+    many = _scored([1] * 8, same_kl)
+    bad = _scored([0, 0, 0, 0, 0, 0, 1, 1], same_kl)
+    assert significantly_better(many, bad) and not significantly_better(bad, many)
+
+
+def test_kl_decides_only_when_it_falls_on_every_sample():
+    from tncompress.budget import significantly_better
+
+    agree = [1] * 8
+    base = _scored(agree, [0.5, 0.4, 0.6, 0.5, 0.45, 0.55, 0.5, 0.5])
+    lower = _scored(agree, [0.25, 0.2, 0.3, 0.25, 0.2, 0.3, 0.25, 0.25])
+    mixed = _scored(agree, [0.1, 0.9, 0.1, 0.9, 0.1, 0.9, 0.1, 0.8])  # a lower mean, no consistent gain
+    assert significantly_better(lower, base) and not significantly_better(base, lower)
+    assert mixed.kl < base.kl and not significantly_better(mixed, base)
+    assert not significantly_better(base, base)
+
+
+def _exact_pointwise_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 96, 1), nn.ReLU(),
+                          nn.Conv2d(96, 96, 3, padding=1), nn.ReLU(), nn.Conv2d(96, 64, 1), nn.Flatten(),
+                          nn.Linear(64 * 6 * 6, 10))
+    with torch.no_grad():
+        for i in (2, 6):
+            conv = model[i]
+            gen = torch.Generator().manual_seed(i)
+            left = torch.randn(conv.out_channels, 4, generator=gen, dtype=torch.float64)
+            right = torch.randn(4, conv.in_channels, generator=gen, dtype=torch.float64)
+            conv.weight.copy_((left @ right / 8).reshape(conv.weight.shape))
+    return model.eval()
+
+
+@pytest.mark.parametrize("sensitivity", ["layer", "model"])
+def test_allocation_does_not_follow_floating_point_noise(monkeypatch, sensitivity):
+    """Another CPU sums in another order: every whole-model output perturbed by 1e-6 (relative), with
+    three different draws, gives the same allocation, and the two 1×1 convs of exact rank 4 keep a
+    rank ≥ 4 (error ~0) — the fault seen on an Intel Xeon gave one of them rank 1 (error 0.67)."""
+    from tncompress.budget import _Probe
+
+    rec = recipe({"Conv2d": {"method": "tucker2", "n_iter": 2}},
+                 {"params_ratio": 0.6, "candidates": 8, "sensitivity": sensitivity}, exclude=["0"])
+    original = _Probe._run
+    results = []
+    for draw in range(3):
+        gen = torch.Generator().manual_seed(100 + draw)
+
+        def noisy(self, replaced, _gen=gen):
+            out = original(self, replaced)
+            return out * (1 + 1e-6 * torch.randn(out.shape, generator=_gen, dtype=out.dtype))
+
+        monkeypatch.setattr(_Probe, "_run", noisy)
+        plan = make_plan(_exact_pointwise_model(), rec, [1, 3, 6, 6])
+        ranks = {p.name: p.ranks for p in plan if p.action == "decompose"}
+        assert ranks["2"] >= 4 and ranks["6"] >= 4, ranks
+        results.append(ranks)
+    assert results[0] == results[1] == results[2]

@@ -10,7 +10,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -21,6 +21,7 @@ from tncompress.errors import GateError
 from tncompress.layers import FactorizedLayer
 from tncompress.methods import method_for_layer
 from tncompress.methods.base import Fallback, Method
+from tncompress.outputs import primary_output
 from tncompress.planner import LayerPlan, call_shapes, dense_params, factorized_macs
 from tncompress.surgery import dense_view, set_module
 
@@ -45,21 +46,6 @@ def rel_error(reference: torch.Tensor, approx: torch.Tensor) -> float | None:
 def abs_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """‖reference − approx‖ in float64."""
     return torch.linalg.vector_norm(reference.double() - approx.double()).item()
-
-
-def primary_output(output: Any) -> torch.Tensor | None:
-    """The tensor a model's output is judged by: the tensor itself, a Hugging Face output's
-    ``logits`` (or ``last_hidden_state``, else its first tensor), or a tuple's first tensor."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):
-        for key in ("logits", "last_hidden_state"):
-            if isinstance(output.get(key), torch.Tensor):
-                return output[key]
-        return next((v for v in output.values() if isinstance(v, torch.Tensor)), None)
-    if isinstance(output, (tuple, list)):
-        return next((v for v in output if isinstance(v, torch.Tensor)), None)
-    return None
 
 
 def capture_inputs(model: nn.Module, batch: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -42,8 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tncompress.errors import RecipeError
+from tncompress.layers.base import dense_layout
 from tncompress.methods import all_methods, method_for_layer
 from tncompress.methods.base import Method, Settings
+from tncompress.outputs import output_tensor
 from tncompress.planner import LayerPlan, Plan, calibration_settings, example_batch, plan_layer
 from tncompress.recipe import LayerChoice, Recipe
 
@@ -156,25 +158,20 @@ def _weight(module: nn.Module) -> torch.Tensor:
 
 
 def _forward_with(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: bool = True) -> torch.Tensor:
+    """The layer's output with ``weight`` in place of its own, laid out in memory as the dense
+    layer's would be (an approximated weight may be a strided view, and the user's next op may be a
+    ``.view`` that only works on that layout)."""
     assert isinstance(module, (nn.Linear, nn.Conv2d))
-    weight = weight.to(dtype=module.weight.dtype, device=module.weight.device)
+    weight = weight.to(dtype=module.weight.dtype, device=module.weight.device).contiguous()
     b = module.bias if bias else None
     if isinstance(module, nn.Conv2d):
-        return module._conv_forward(x, weight, b)
-    return F.linear(x, weight, b)
+        return dense_layout(module._conv_forward(x, weight, b), x)
+    return dense_layout(F.linear(x, weight, b), x)
 
 
 def _flat(output: Any) -> torch.Tensor:
-    """A model output (tensor, or nested tuple/list/dict of tensors) as one float64 vector."""
-    if isinstance(output, torch.Tensor):
-        return output.detach().reshape(-1).to(torch.float64)
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (list, tuple)):
-        parts = [_flat(o) for o in output]
-        parts = [p for p in parts if p.numel()]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-    return torch.zeros(0, dtype=torch.float64)
+    """The model output's primary tensor (:mod:`tncompress.outputs`) as one float64 vector."""
+    return output_tensor(output, "the model").detach().reshape(-1).to(torch.float64)
 
 
 def _sq_rel(reference: torch.Tensor, approx: torch.Tensor) -> float:
@@ -183,6 +180,71 @@ def _sq_rel(reference: torch.Tensor, approx: torch.Tensor) -> float:
     if not math.isfinite(diff):
         return math.inf
     return diff / denom if denom > 0 else diff
+
+
+SIGNIFICANCE_Z = 2.0   # a whole-model comparison must beat its own sampling noise by this many standard errors
+MIN_RELATIVE_GAIN = 1e-6  # … and gain at least this fraction of the measure (floating-point noise)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A whole allocation measured on the calibration batch: the selection score, its parts, and the
+    per-unit values that a paired comparison between two allocations needs."""
+
+    score: float
+    disagreement: float               # NaN for a model that is not a classifier
+    kl: float                         # NaN likewise
+    agree: np.ndarray | None          # per unit: top-1 equals the dense model's (classifiers)
+    units: np.ndarray                 # per unit: KL (classifiers) or share of the squared output error
+
+    def as_tuple(self) -> tuple[float, float, float]:
+        return self.score, self.disagreement, self.kl
+
+
+def class_scores(output: torch.Tensor, batch: torch.Tensor) -> torch.Tensor | None:
+    """The output as (units, classes) logits when it is a classifier's: (batch, classes), or a
+    language model's next-token logits (batch, positions, vocabulary) for token-id input, one unit
+    per position; None for any other output (a regression, a feature map)."""
+    if not output.is_floating_point():
+        return None
+    if output.ndim == 2 and output.shape[0] == batch.shape[0] and output.shape[1] > 1:
+        return output.double()
+    if output.ndim == 3 and not batch.is_floating_point() and output.shape[0] == batch.shape[0] and output.shape[2] > 1:
+        return output.reshape(-1, output.shape[2]).double()
+    return None
+
+
+def significantly_better(a: Scored, b: Scored) -> bool:
+    """Whether allocation ``a`` beats ``b`` by more than the calibration batch's sampling noise.
+
+    Both are measured on the same samples, so the test is paired. Top-1 agreement first: of the
+    units where exactly one of the two agrees with the dense model, ``a`` must win by
+    ``SIGNIFICANCE_Z``·√(flips) (a sign test); significantly fewer agreements is a loss. When top-1
+    does not decide, the per-unit KL (or output error) must fall by ``SIGNIFICANCE_Z`` standard
+    errors of the paired differences, and by at least ``MIN_RELATIVE_GAIN`` of ``b``'s value.
+
+    Without this, the search followed noise: on 8 Gaussian-noise samples top-1 flips on near-ties,
+    and tiny floating-point differences between CPUs chose a rank-1 layer (error 0.67) over an exact
+    rank-4 one."""
+    if not math.isfinite(a.score):
+        return False
+    if not math.isfinite(b.score):
+        return True
+    if a.agree is not None and b.agree is not None:
+        d = a.agree.astype(np.int64) - b.agree.astype(np.int64)
+        net, flips = int(d.sum()), int(np.abs(d).sum())
+        if flips and abs(net) >= SIGNIFICANCE_Z * math.sqrt(flips):
+            return net > 0
+    delta = b.units - a.units              # positive where a is better
+    if not bool(np.isfinite(delta).all()):
+        return False
+    gain = float(delta.mean())
+    if gain <= MIN_RELATIVE_GAIN * abs(float(b.units.mean())):
+        return False
+    if delta.size < 2:
+        return True
+    spread = float(delta.std(ddof=1)) / math.sqrt(delta.size)
+    return gain > SIGNIFICANCE_Z * spread
 
 
 class _Probe:
@@ -202,13 +264,14 @@ class _Probe:
             handles.append(module.register_forward_hook(hook))
         try:
             with torch.no_grad():
-                raw = model(batch)
-                self.reference = _flat(raw)
-                self.logits = raw.detach().double() if isinstance(raw, torch.Tensor) and raw.ndim == 2 else None
-                self.labels = self.logits.argmax(dim=1) if self.logits is not None else None
+                primary = output_tensor(model(batch), "the model").detach()
         finally:
             for h in handles:
                 h.remove()
+        self.reference = primary.reshape(-1).double()
+        self.per_sample = primary.reshape(primary.shape[0] if primary.ndim else 1, -1).double()
+        self.logits = class_scores(primary, batch)
+        self.labels = self.logits.argmax(dim=1) if self.logits is not None else None
 
     def measure(self, budget: Budget, name: str, module: nn.Module, weight: torch.Tensor) -> float:
         """The budget's sensitivity of one layer replaced by ``weight``."""
@@ -230,17 +293,23 @@ class _Probe:
             for h in handles:
                 h.remove()
 
-    def _kl(self, raw: torch.Tensor) -> float:
+    def _kl_units(self, logits: torch.Tensor) -> torch.Tensor:
+        """KL divergence from the dense model's predicted distribution, per scoring unit."""
         assert self.logits is not None
         ref = F.log_softmax(self.logits, dim=1)
-        value = float((ref.exp() * (ref - F.log_softmax(raw.double(), dim=1))).sum(dim=1).mean())
+        return (ref.exp() * (ref - F.log_softmax(logits.double(), dim=1))).sum(dim=1)
+
+    def _kl(self, raw: Any) -> float:
+        logits = class_scores(output_tensor(raw).detach(), self.batch)
+        assert logits is not None
+        value = float(self._kl_units(logits).mean())
         return value if math.isfinite(value) else math.inf
 
     def model_error(self, replaced: dict[str, tuple[nn.Module, torch.Tensor]], kl: bool = False) -> float:
         """Squared relative error of the model's output with some layers replaced, or with ``kl`` the
         mean KL divergence from the dense model's predicted class distribution (classifiers)."""
         raw = self._run(replaced)
-        if kl and self.logits is not None and isinstance(raw, torch.Tensor):
+        if kl and self.logits is not None:
             return self._kl(raw)
         return _sq_rel(self.reference, _flat(raw))
 
@@ -248,22 +317,40 @@ class _Probe:
     def selection_measure(self) -> str:
         return "top-1 disagreement" if self.logits is not None else "model output error"
 
-    def selection(self, replaced: dict[str, tuple[nn.Module, torch.Tensor]]) -> tuple[float, float, float]:
-        """(score, disagreement, KL) of a whole allocation, the measure the final choice minimises.
-        Classifiers: the fraction of calibration samples whose top-1 class differs from the dense
-        model's, KL from its predicted distribution breaking ties (weighted so that it never
-        outweighs one sample: the output error tracks accuracy poorly at high compression).
-        Other models: the squared relative output error (disagreement and KL are NaN)."""
-        raw = self._run(replaced)
-        if self.logits is None or not isinstance(raw, torch.Tensor) or raw.shape != self.logits.shape:
-            err = _sq_rel(self.reference, _flat(raw))
-            return err, math.nan, math.nan
-        if not bool(torch.isfinite(raw).all()):
-            return math.inf, 1.0, math.inf
+    def selection(self, replaced: dict[str, tuple[nn.Module, torch.Tensor]]) -> Scored:
+        """The measure the final choice minimises, of a whole allocation, with its per-unit parts.
+        Classifiers: the fraction of calibration samples (positions, for next-token logits) whose
+        top-1 class differs from the dense model's, KL from its predicted distribution breaking ties
+        (weighted so that it never outweighs one sample: the output error tracks accuracy poorly at
+        high compression). Other models: the squared relative output error (disagreement and KL are
+        NaN). Which of two allocations is better is decided by :func:`significantly_better`."""
+        primary = output_tensor(self._run(replaced), "the model").detach()
+        logits = class_scores(primary, self.batch) if self.logits is not None else None
+        if logits is None or self.logits is None or logits.shape != self.logits.shape:
+            out = primary.reshape(primary.shape[0] if primary.ndim else 1, -1).double()
+            if out.shape != self.per_sample.shape or not bool(torch.isfinite(out).all()):
+                return Scored(math.inf, math.nan, math.nan, None, np.full(self.per_sample.shape[0], np.inf))
+            denom = float(self.per_sample.pow(2).sum())
+            parts = (self.per_sample - out).pow(2).sum(dim=1) / (denom if denom > 0 else 1.0)
+            units = parts.numpy()
+            return Scored(float(units.sum()), math.nan, math.nan, None, units)
+        if not bool(torch.isfinite(logits).all()):
+            n = self.logits.shape[0]
+            return Scored(math.inf, 1.0, math.inf, np.zeros(n, dtype=bool), np.full(n, np.inf))
         assert self.labels is not None  # set together with self.logits
-        disagree = float(torch.ne(raw.argmax(dim=1), self.labels).double().mean())
-        kl = self._kl(raw)
-        return disagree + KL_TIEBREAK * min(kl, 10.0), disagree, kl
+        agree = torch.eq(logits.argmax(dim=1), self.labels)
+        kl_units = self._kl_units(logits)
+        disagree = float((~agree).double().mean())
+        kl = float(kl_units.mean())
+        kl = kl if math.isfinite(kl) else math.inf
+        return Scored(disagree + KL_TIEBREAK * min(kl, 10.0), disagree, kl, agree.numpy(), kl_units.numpy())
+
+    def unchanged(self) -> Scored:
+        """The measure of the dense model itself (nothing replaced)."""
+        if self.logits is not None:
+            n = self.logits.shape[0]
+            return Scored(0.0, 0.0, 0.0, np.ones(n, dtype=bool), np.zeros(n))
+        return Scored(0.0, math.nan, math.nan, None, np.zeros(self.per_sample.shape[0]))
 
     def layer_error(self, name: str, module: nn.Module, weight: torch.Tensor) -> float:
         """Squared relative error of the layer's own output, bias left out (a large bias would
@@ -421,7 +508,7 @@ class BudgetScan:
 
     _cache: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
     _approximators: dict[int, Callable[[Any], torch.Tensor] | None] = field(default_factory=dict, repr=False)
-    _scores: dict[tuple[int, ...], tuple[float, float, float]] = field(default_factory=dict, repr=False)
+    _scores: dict[tuple[int, ...], Scored] = field(default_factory=dict, repr=False)
 
     def weight(self, layer: int, rung: int) -> torch.Tensor:
         """The approximated weight of one ladder's rung, cached (the local search revisits rungs;
@@ -445,18 +532,26 @@ class BudgetScan:
         return {lad.plan.name: (lad.module, self.weight(k, rung))
                 for k, (lad, rung) in enumerate(zip(self.ladders, choice)) if rung != lad.dense}
 
-    def selection(self, choice: Sequence[int]) -> tuple[float, float, float]:
-        """(score, disagreement, KL) with every layer of ``choice`` replaced at once — see
+    def scored(self, choice: Sequence[int]) -> Scored:
+        """The selection measure with every layer of ``choice`` replaced at once — see
         :meth:`_Probe.selection`; the real objective, which the per-layer sum only approximates."""
         key = tuple(int(i) for i in choice)
         if key not in self._scores:
             weights = self.weights(choice)
-            self._scores[key] = self.probe.selection(weights) if weights else (0.0, 0.0, 0.0)
+            self._scores[key] = self.probe.selection(weights) if weights else self.probe.unchanged()
         return self._scores[key]
+
+    def selection(self, choice: Sequence[int]) -> tuple[float, float, float]:
+        """(score, disagreement, KL) of ``choice`` (see :meth:`scored`)."""
+        return self.scored(choice).as_tuple()
 
     def combined(self, choice: Sequence[int], budget: Budget | None = None) -> float:
         """The selection score of ``choice`` (lower is better)."""
-        return self.selection(choice)[0]
+        return self.scored(choice).score
+
+    def better(self, a: Sequence[int], b: Sequence[int]) -> bool:
+        """Whether allocation ``a`` beats ``b`` beyond the calibration batch's noise (:func:`significantly_better`)."""
+        return significantly_better(self.scored(a), self.scored(b))
 
 
 @dataclass
@@ -477,6 +572,7 @@ class Allocation:
     evaluations: int = 0              # whole-model evaluations of the local search
     moves: int = 0                    # moves it accepted
     refine_seconds: float = 0.0
+    beaten_by: list[str] = field(default_factory=list)  # baselines significantly better than the choice (none, normally)
 
 
 def _whole_model_totals(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
@@ -535,19 +631,24 @@ def allocate(scanned: BudgetScan, budget: Budget) -> Allocation:
     def spent(ch: Sequence[int]) -> float:
         return float(sum(c[i] for c, i in zip(costs, ch)))
 
-    # the per-layer sum is only a proxy: measure the candidates whole, start from the best one that
-    # meets the budget and improve it by a local search on the same whole-model measure
+    # the per-layer sum is only a proxy: measure the candidates whole, start from the greedy one unless
+    # another that meets the budget is better beyond the calibration batch's noise, and improve it by a
+    # local search on the same whole-model measure (a move must be significantly better too)
     started = time.perf_counter()
     starts = [("greedy", choice), ("uniform fractions", uniform), ("uniform ranks", uniform_r)]
     scores = {name: scanned.combined(ch) for name, ch in starts}
-    valid = [(scores[name], k, name, ch) for k, (name, ch) in enumerate(starts) if _within(spent(ch) + fixed, target)]
+    valid = [(name, ch) for name, ch in starts if _within(spent(ch) + fixed, target)]
     evaluations = moves = 0
     start = "greedy"
     if valid:
-        _, _, start, choice = min(valid)
+        start, choice = valid[0]
+        for name, ch in valid[1:]:
+            if scanned.better(ch, choice):
+                start, choice = name, ch
         hi = max(target, spent(choice) + fixed) - fixed
         lo = target * (1 - TOLERANCE) - fixed
-        choice, evaluations, moves = refine(scanned.combined, costs, sens, list(choice), lo, hi, budget.refine)
+        choice, evaluations, moves = refine(scanned.combined, costs, sens, list(choice), lo, hi, budget.refine,
+                                            better=scanned.better)
     combined = scanned.combined(choice)
     used_uniform = list(choice) == list(uniform)
     achieved = fixed + spent(choice)
@@ -559,9 +660,10 @@ def allocate(scanned: BudgetScan, budget: Budget) -> Allocation:
     log.info("budget %s: start %s (greedy %.4g, uniform fractions %.4g, uniform ranks %.4g), local search "
              "%d evaluations, %d moves → %.4g in %.2fs", budget.label, start, scores["greedy"],
              scores["uniform fractions"], scores["uniform ranks"], evaluations, moves, combined, seconds)
+    beaten_by = [name for name, ch in valid if scanned.better(ch, choice)]
     return Allocation(budget, list(choice), achieved / total, objective(sens, choice), theirs, used_uniform,
                       combined, scores["uniform fractions"], scores["uniform ranks"], scores["greedy"], start,
-                      evaluations, moves, seconds)
+                      evaluations, moves, seconds, beaten_by)
 
 
 def rank_size(rank: Any) -> int:
@@ -592,14 +694,16 @@ def uniform_rank_allocate(ladders: Sequence[Ladder], costs: list[np.ndarray], ro
 
 
 def refine(score: Callable[[Sequence[int]], float], costs: list[np.ndarray], sens: list[np.ndarray],
-           choice: list[int], lo: float, hi: float, max_evaluations: int) -> tuple[list[int], int, int]:
+           choice: list[int], lo: float, hi: float, max_evaluations: int,
+           better: Callable[[Sequence[int], Sequence[int]], bool] | None = None) -> tuple[list[int], int, int]:
     """Local search on the whole-model ``score``: pairwise moves (one layer up by about a step, another
     down as far as needed to keep the total in [``lo``, ``hi``]), or one layer up where the window
     allows; the best improving move of each round is taken, steps from coarse to fine, at most
     ``max_evaluations`` scores. With many layers only the per-layer proxy's best few raise/lower
-    candidates are paired, so a round stays small. Returns (choice, evaluations, moves)."""
+    candidates are paired, so a round stays small. A move counts as improving when ``better(candidate,
+    current)`` (by default: a lower score). Returns (choice, evaluations, moves)."""
+    improves = better or (lambda a, b: score(a) < score(b) - 1e-12)
     current = list(choice)
-    best = score(current)
     evaluations = moves = 0
     n = len(costs)
     for frac in REFINE_STEPS:
@@ -612,11 +716,11 @@ def refine(score: Callable[[Sequence[int]], float], costs: list[np.ndarray], sen
                     break
                 evaluations += 1
                 value = score(cand)
-                if value < best - 1e-12 and (found is None or value < found[0]):
+                if improves(cand, current) and (found is None or value < found[0]):
                     found = (value, cand)
             if found is None:
                 break
-            best, current = found
+            current = found[1]
             moves += 1
     return current, evaluations, moves
 
@@ -728,7 +832,7 @@ def finish(scanned: BudgetScan, allocation: Allocation) -> Plan:
                "greedy_combined": allocation.greedy_combined, "selection_measure": probe.selection_measure,
                "disagreement": disagreement, "kl": kl_final, "start": allocation.start,
                "refine_evaluations": allocation.evaluations, "refine_moves": allocation.moves,
-               "refine_seconds": round(allocation.refine_seconds, 3),
+               "refine_seconds": round(allocation.refine_seconds, 3), "beaten_by": list(allocation.beaten_by),
                "model_output_error": combined, "layers": len(scanned.ladders),
                "candidates": int(sum(lad.dense for lad in scanned.ladders)),
                "measured": int(sum(int(lad.measured[: lad.dense].sum()) for lad in scanned.ladders)),

@@ -79,14 +79,15 @@ def make_plan(model: nn.Module, recipe: Recipe, input_shape: Sequence[int],
     return plan
 
 
-def decompose(model: nn.Module, recipe: Recipe, *, input_shape: Sequence[int],
+def decompose(model: nn.Module, recipe: Recipe, *, input_shape: Sequence[int] | None = None,
               calibration_input: torch.Tensor | None = None, inplace: bool = False,
               progress: ProgressCallback | None = None, allow_error: bool = False,
               calibration_source: str | None = None) -> DecomposeResult:
     """Plan and apply ``recipe`` to ``model``; returns the compressed model and the annotated plan.
 
     ``input_shape`` is one sample's shape with a leading batch dimension (e.g. ``[1, 3, 32, 32]``);
-    the calibration batch defaults to reproducible Gaussian noise of that shape; a given batch
+    without it, the calibration batch's, else what the first layer decides
+    (:func:`tncompress.input_shape.resolve_input_shape`); the calibration batch defaults to reproducible Gaussian noise of that shape; a given batch
     (real images, preprocessed as the model expects) is described by ``calibration_source``. With
     real images, BatchNorm statistics are re-estimated on them after decomposition unless the
     recipe says ``calibration: {reestimate_bn: false}``. The recipe's error bounds are enforced
@@ -95,6 +96,11 @@ def decompose(model: nn.Module, recipe: Recipe, *, input_shape: Sequence[int],
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
+    if input_shape is None:
+        from tncompress.input_shape import resolve_input_shape
+
+        given = [1, *calibration_input.shape[1:]] if calibration_input is not None else None
+        input_shape = resolve_input_shape(model, None, given).shape
     calib = calibration_settings(recipe)
     synthetic = calibration_input is None
     kind = describe_synthetic(model) if synthetic else (calibration_source or "given batch")

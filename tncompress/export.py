@@ -57,8 +57,8 @@ class _PrimaryOutput(nn.Module):
 
 
 def _output_key(output: Any) -> str | int | None:
-    """Where the primary tensor of a structured output lives (see :func:`tncompress.apply.primary_output`)."""
-    from tncompress.apply import primary_output
+    """Where the primary tensor of a structured output lives (see :func:`tncompress.outputs.primary_output`)."""
+    from tncompress.outputs import primary_output
 
     tensor = primary_output(output)
     if tensor is None:

@@ -163,13 +163,17 @@ def normalise_imports(paths: Sequence[str | Path]) -> tuple[list[str], list[str 
 
 def import_file(path: str | Path) -> str:
     """Import a Python file as a top-level module named after its stem, so ``stem:factory`` resolves
-    and pickles referring to ``stem.Class`` load. Returns the module name."""
+    and pickles referring to ``stem.Class`` load. Its folder goes on ``sys.path`` first, as Python
+    does for a script, so ``import sibling`` inside it works. Returns the module name."""
     path = Path(path)
     if not path.is_file():
         raise ModelSpecError(f"--import {path}: no such file")
     name = path.stem
     if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path.resolve()):
         return name
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:  # as Python does for a script: its siblings import by name
+        sys.path.insert(0, folder)
     spec = importlib.util.spec_from_file_location(name, path.resolve())
     if spec is None or spec.loader is None:
         raise ModelSpecError(f"--import {path}: not an importable Python file")

@@ -41,6 +41,16 @@ import torch
 from torch import Tensor, nn
 
 
+def dense_layout(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` in the memory layout a dense ``nn.Conv2d`` / ``nn.Linear`` gives for input ``x``:
+    contiguous for a contiguous input, channels-last for a channels-last one. A factorized chain
+    (or a substituted weight) can hand back another layout, and the user's next op may be a
+    ``.view`` that needs this one. A no-op when the layout already matches."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return y.contiguous(memory_format=torch.channels_last) if y.dim() == 4 else y.contiguous()
+    return y.contiguous()
+
+
 @dataclass
 class _Snapshot:
     """What ``merge()`` precomputed, and the parameters it was computed from.

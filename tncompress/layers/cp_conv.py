@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from tncompress.errors import RankError, RecipeError, TncompressError
+from tncompress.layers.base import dense_layout
 from tncompress.layers.conv_base import (
     FactorizedConv2d,
     _decomposition_device,
@@ -165,7 +166,7 @@ class CPConv2d(FactorizedConv2d):
     # -- use -----------------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.pointwise_out(self.spatial(self.pointwise_in(x)))
+        return dense_layout(self.pointwise_out(self.spatial(self.pointwise_in(x))), x)
 
     def conv_chain(self) -> list[nn.Conv2d]:
         return [self.pointwise_in, *self._spatial_convs(), self.pointwise_out]

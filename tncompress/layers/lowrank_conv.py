@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from tncompress.errors import RankError, TncompressError
+from tncompress.layers.base import dense_layout
 from tncompress.layers.conv_base import (
     FactorizedConv2d,
     _decomposition_device,
@@ -104,7 +105,7 @@ class LowRankConv2d(FactorizedConv2d):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.pointwise_out(self.first(x))
+        return dense_layout(self.pointwise_out(self.first(x)), x)
 
     def conv_chain(self) -> list[nn.Conv2d]:
         return [self.first, self.pointwise_out]

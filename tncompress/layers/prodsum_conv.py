@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from tncompress.errors import RankError
+from tncompress.layers.base import dense_layout
 from tncompress.layers.conv_base import (
     _json_geometry,
     _padding,
@@ -112,7 +113,7 @@ class ProdSumConv2d(ProdSumFactors):
             kernel = self.kernel()
         # nn.Conv2d's own arithmetic (padding modes, string padding) on the generated kernel: a plain
         # function of tensors, so the layer traces and exports
-        return self._template._conv_forward(x, kernel, self.bias)
+        return dense_layout(self._template._conv_forward(x, kernel, self.bias), x)
 
     def config(self) -> dict[str, Any]:
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,

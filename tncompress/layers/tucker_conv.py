@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from tncompress.errors import RankError, TncompressError
+from tncompress.layers.base import dense_layout
 from tncompress.layers.conv_base import (
     FactorizedConv2d,
     _decomposition_device,
@@ -119,7 +120,7 @@ class Tucker2Conv2d(FactorizedConv2d):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.pointwise_out(self.core(self.pointwise_in(x)))
+        return dense_layout(self.pointwise_out(self.core(self.pointwise_in(x))), x)
 
     def conv_chain(self) -> list[nn.Conv2d]:
         return [self.pointwise_in, self.core, self.pointwise_out]
