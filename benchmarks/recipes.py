@@ -17,7 +17,7 @@ import torch
 from bench_common import machine_info
 
 from tncompress.compress import decompose
-from tncompress.measure import MAC_RULE, count_macs, count_params
+from tncompress.measure import MAC_RULE, NOISY_IQR, LatencyStats, compare_latency, count_macs, count_params, measure_latencies
 from tncompress.models import ModelSpec, build_model
 from tncompress.recipe import load_recipe
 
@@ -37,32 +37,33 @@ CASES = [
 LAYOUTS = {"NCHW": torch.contiguous_format, "CL": torch.channels_last}
 
 
-def interleaved_latencies(models: list[torch.nn.Module], shape: list[int], batch: int, rounds: int = 7,
-                          per_round: int = 3) -> dict[str, list[float]]:
-    """Median forward ms of each model at ``batch`` in each memory layout (NCHW and channels-last),
-    measured in alternating rounds so that drift on a shared machine (other load, clocks) hits every
-    model and layout alike."""
+def interleaved_latencies(models: list[torch.nn.Module], shape: list[int], batch: int,
+                          max_seconds: float = 60.0) -> dict[str, list[LatencyStats]]:
+    """Forward latency of each model at ``batch`` in each memory layout (NCHW and channels-last), all
+    timed together by ``tncompress.measure.measure_latencies`` (the timing of ``report --latency``):
+    interleaved rounds of torch.utils.benchmark's blocked_autorange, so that drift on a shared machine
+    (other load, clocks) hits every model and layout alike, until the spread settles or the budget is
+    spent. Factorized layers are merged for inference, as deployed."""
     x = torch.randn(batch, *shape[1:])
-    runs = [(layout, i, copy.deepcopy(m).eval().to(memory_format=fmt), x.contiguous(memory_format=fmt))
-            for layout, fmt in LAYOUTS.items() for i, m in enumerate(models)]
-    times: dict[tuple[str, int], list[float]] = {(layout, i): [] for layout, i, _, _ in runs}
-    with torch.inference_mode():
-        for _, _, m, xin in runs:
-            for _ in range(2):
-                m(xin)  # warm-up
-        for _ in range(rounds):
-            for layout, i, m, xin in runs:
-                for _ in range(per_round):
-                    t0 = time.perf_counter()
-                    m(xin)
-                    times[(layout, i)].append((time.perf_counter() - t0) * 1e3)
-    return {layout: [statistics.median(times[(layout, i)]) for i in range(len(models))] for layout in LAYOUTS}
+    runs = [(layout, copy.deepcopy(m).eval().to(memory_format=fmt), x.contiguous(memory_format=fmt))
+            for layout, fmt in LAYOUTS.items() for m in models]
+    stats = measure_latencies([m for _, m, _ in runs], [xin for _, _, xin in runs], max_seconds=max_seconds)
+    n = len(models)
+    return {layout: stats[k * n:(k + 1) * n] for k, layout in enumerate(LAYOUTS)}
 
 
-def best(lat: dict[str, list[float]], i: int) -> tuple[float, str]:
+def best(lat: dict[str, list[LatencyStats]], i: int) -> tuple[LatencyStats, str]:
     """The faster layout's latency of model ``i`` and the layout's name."""
-    layout = min(lat, key=lambda k: lat[k][i])
+    layout = min(lat, key=lambda k: lat[k][i].median_ms)
     return lat[layout][i], layout
+
+
+def speedup_cell(entry: dict, key: str) -> str:
+    """"1.42× (±0.05)" for a significant speed-up, else the verdict instead of a figure."""
+    if entry[f"speedup_{key}_verdict"] not in ("faster", "slower"):
+        return entry[f"speedup_{key}_verdict"]
+    low, high = entry[f"speedup_{key}_interval"]
+    return f"{entry[f'speedup_{key}']:.2f}× (±{(high - low) / 2:.2f})"
 
 
 def main() -> None:
@@ -84,14 +85,16 @@ def main() -> None:
             result = decompose(base, load_recipe(recipe_path), input_shape=shape)
             rows.append((recipe_path, result, time.perf_counter() - start))
         models = [base] + [r[1].model for r in rows]
-        lat = interleaved_latencies(models, shape, 1, rounds=15)
-        big_lat = interleaved_latencies(models, shape, big, rounds=9, per_round=1)
+        lat = interleaved_latencies(models, shape, 1)
+        big_lat = interleaved_latencies(models, shape, big)
         for i, (recipe_path, result, seconds) in enumerate([(None, None, None), *rows]):
             model = models[i]
             p1, m1 = count_params(model), count_macs(model, x).total
             entry = {"model": title, "recipe": recipe_path, "params": p1, "macs": m1, "batch_n": big,
-                     "latency_b1_ms": {k: v[i] for k, v in lat.items()},
-                     "latency_bn_ms": {k: v[i] for k, v in big_lat.items()}}
+                     "latency_b1_ms": {k: v[i].median_ms for k, v in lat.items()},
+                     "latency_bn_ms": {k: v[i].median_ms for k, v in big_lat.items()},
+                     "latency_b1_stats": {k: v[i].to_dict() for k, v in lat.items()},
+                     "latency_bn_stats": {k: v[i].to_dict() for k, v in big_lat.items()}}
             if result is not None:
                 done = [p for p in result.plan if p.action == "decompose"]
                 entry.update(
@@ -100,14 +103,19 @@ def main() -> None:
                     median_output_err=statistics.median(p.output_rel_error for p in done
                                                         if p.output_rel_error is not None),
                     cp_fallbacks=sum(any("fell back" in n for n in p.notes) for p in done))
-                for key, table in (("b1", lat), ("bn", big_lat)):
-                    t_dense, t_ours = best(table, 0)[0], best(table, i)[0]
-                    entry[f"speedup_{key}"] = t_dense / t_ours
-                    entry[f"latency_cut_{key}"] = 1 - t_ours / t_dense
                 # Issue target: latency falls by at least half of the MAC reduction.
                 entry["target_latency_cut"] = entry["macs_removed"] / 2
-                entry["target_met_b1"] = entry["latency_cut_b1"] >= entry["target_latency_cut"]
-                entry["target_met_bn"] = entry["latency_cut_bn"] >= entry["target_latency_cut"]
+                for key, table in (("b1", lat), ("bn", big_lat)):
+                    dense, ours = best(table, 0)[0], best(table, i)[0]
+                    verdict = compare_latency(dense, ours)
+                    entry[f"speedup_{key}"] = verdict["speedup"]
+                    entry[f"speedup_{key}_interval"] = [verdict["speedup_low"], verdict["speedup_high"]]
+                    entry[f"speedup_{key}_significant"] = verdict["speedup_significant"]
+                    entry[f"speedup_{key}_verdict"] = verdict["speedup_verdict"]
+                    entry[f"latency_cut_{key}"] = 1 - ours.median_ms / dense.median_ms
+                    # met only by a significant speed-up: a cut inside the noise is not a measurement
+                    entry[f"target_met_{key}"] = (verdict["speedup_verdict"] == "faster"
+                                                  and entry[f"latency_cut_{key}"] >= entry["target_latency_cut"])
             results.append(entry)
             print(entry, flush=True)
     out = Path(args.out)
@@ -121,9 +129,13 @@ def markdown(info: dict, results: list[dict]) -> list[str]:
              f"Machine: {info['summary']}. Generated by `python benchmarks/recipes.py`.", "",
              f"Counting rules: parameters of the module (buffers not counted); {MAC_RULE}. Latency: median "
              "forward wall time after warm-up at batch 1 and at a larger batch N, in NCHW and in channels-last "
-             "(CL) layout; every model and layout measured in alternating rounds in the same run (on this shared "
-             "2-core machine single figures drift between runs; the ratios are steadier). Speed-ups compare the "
-             "faster layout of each model. Target (issue 4): latency falls by at least half the MAC reduction. "
+             "(CL) layout, factorized layers merged for inference; every model and layout timed together in "
+             "interleaved rounds of torch.utils.benchmark's blocked_autorange until the spread settles (IQR ≤ 10% "
+             "of the median) or the time budget is spent. Speed-ups compare the faster layout of each model, with "
+             "± half the interval [dense p25 / model p75, dense p75 / model p25]; a speed-up whose interquartile "
+             "ranges overlap says 'not significant', and one measured with an IQR above "
+             f"{NOISY_IQR:.0%} of the median 'noisy machine', instead of a figure. Target (issue 4): latency falls "
+             "by at least half the MAC reduction, met only by a significant speed-up. "
              "Models have random weights (no downloads here): params, MACs and speed do not depend on the "
              "weights; the errors are those of random kernels, far harder to approximate than trained ones.", "",
              "| model | recipe | params | MACs | params removed | MACs removed | b=1 ms NCHW / CL | speed-up b=1 | "
@@ -143,7 +155,7 @@ def markdown(info: dict, results: list[dict]) -> list[str]:
                    f"b=N {'met' if e['target_met_bn'] else 'MISSED'})")
         lines.append(f"| {e['model']} | `{e['recipe']}` | {e['params']:,} | {e['macs']:,} | "
                      f"{100 * e['params_removed']:.1f}% | {100 * e['macs_removed']:.1f}% | {lat1} | "
-                     f"{e['speedup_b1']:.2f}× | {latn} | {e['speedup_bn']:.2f}× | {verdict} | {e['decompose_s']:.1f} | "
+                     f"{speedup_cell(e, 'b1')} | {latn} | {speedup_cell(e, 'bn')} | {verdict} | {e['decompose_s']:.1f} | "
                      f"{e['median_weight_err']:.3f} | {e['median_output_err']:.3f} |"
                      + (f" ({e['cp_fallbacks']} CP fallbacks)" if e["cp_fallbacks"] else ""))
     return lines

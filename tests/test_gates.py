@@ -17,9 +17,10 @@ def _report(*models: dict) -> dict:
 
 
 @pytest.mark.parametrize("expr, value, passed", [
-    ("params_ratio>=4", 4.0, True), ("params_ratio>=4", 3.99, False), ("params_ratio > 4", 4.0, False),
+    ("params_reduction>=4", 4.0, True), ("params_reduction>=4", 3.99, False), ("params_reduction > 4", 4.0, False),
     ("top1_drop<=1.0", 1.0, True), ("top1_drop<=1.0%", 1.01, False), ("top1_drop<1", 0.99, True),
-    ("macs_ratio==2", 2.0, True), ("speedup>=1e0", 0.8, False), ("compression>=2", 3.0, True),
+    ("macs_reduction==2", 2.0, True), ("speedup>=1e0", 0.8, False), ("compression>=2", 3.0, True),
+    ("params_ratio<=0.25", 0.25, True), ("macs_ratio<0.5", 0.5, False),
 ])
 def test_gate_expressions(expr, value, passed):
     gate = parse_gate(expr)
@@ -44,11 +45,11 @@ def test_bad_gates_are_user_errors(expr, message):
 
 
 def test_gates_apply_to_every_compared_model_and_max_layer_errors():
-    report = _report({"params_ratio": 1.0}, {"params_ratio": 5.0, "layers": [{"output_rel_error": 0.1}]},
-                     {"params_ratio": 3.0, "layers": [{"output_rel_error": 0.4}, {"output_rel_error": None}]})
-    results = evaluate_gates([parse_gate("params_ratio>=4"), parse_gate("max_output_error<=0.3")], report)
+    report = _report({"params_reduction": 1.0}, {"params_reduction": 5.0, "layers": [{"output_rel_error": 0.1}]},
+                     {"params_reduction": 3.0, "layers": [{"output_rel_error": 0.4}, {"output_rel_error": None}]})
+    results = evaluate_gates([parse_gate("params_reduction>=4"), parse_gate("max_output_error<=0.3")], report)
     assert [(r.model, r.metric, r.passed) for r in results] == [
-        ("m1.pt", "params_ratio", True), ("m2.pt", "params_ratio", False),
+        ("m1.pt", "params_reduction", True), ("m2.pt", "params_reduction", False),
         ("m1.pt", "max_output_error", True), ("m2.pt", "max_output_error", False)]
     with pytest.raises(TncompressError, match="m1.pt has no top1; it needs --dataset"):
         evaluate_gates([parse_gate("top1>=90")], report)
@@ -75,24 +76,24 @@ def pair(tmp_path_factory):
 
 def test_report_gates_exit_codes_and_outputs(pair, cli, tmp_path):
     base, small, recipe = pair
-    ok = cli("report", base, small, "--json", "--gate", "params_ratio>=2", "--gate", "macs_ratio>=1")
+    ok = cli("report", base, small, "--json", "--gate", "params_reduction>=2", "--gate", "macs_reduction>=1")
     assert ok.exit_code == 0, ok.output
     data = json.loads(ok.stdout)
     assert [g["passed"] for g in data["gates"]] == [True, True]
 
     out = tmp_path / "report.md"
-    bad = cli("report", base, small, "--markdown", "-o", out, "--gate", "params_ratio>=2",
-              "--gate", "params_ratio>=100", "--gate", "max_output_error<=0.001")
+    bad = cli("report", base, small, "--markdown", "-o", out, "--gate", "params_reduction>=2",
+              "--gate", "params_reduction>=100", "--gate", "max_output_error<=0.001")
     assert bad.exit_code == 3
     failed = [line for line in bad.stderr.splitlines() if line.startswith("gate failed")]
-    assert len(failed) == 2 and "params_ratio>=100" in failed[0] and "l5-lr.pt" in failed[0]
+    assert len(failed) == 2 and "params_reduction>=100" in failed[0] and "l5-lr.pt" in failed[0]
     assert "max_output_error<=0.001" in failed[1]
     assert "Traceback" not in bad.output
     text = out.read_text()  # the report is written even when a gate fails: CI shows it in the summary
     assert "## Gates" in text and text.count("**FAIL**") == 2 and text == bad.stdout
 
-    table = cli("report", base, small, "--gate", "params_ratio>=100")
-    assert table.exit_code == 3 and "gate failed: params_ratio>=100" in table.stderr
+    table = cli("report", base, small, "--gate", "params_reduction>=100")
+    assert table.exit_code == 3 and "gate failed: params_reduction>=100" in table.stderr
 
 
 def test_json_report_records_versions_seed_and_hashes(pair, cli):

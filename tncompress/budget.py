@@ -99,6 +99,8 @@ class Ladder:
     sens: np.ndarray = field(default_factory=lambda: np.zeros(0))
     measured: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     seconds: float = 0.0
+    dropped: str = ""                 # why every compressing rank was dropped (it would slow the layer)
+    trimmed: bool = False             # larger ranks were dropped: they would make the layer slower or larger
 
     def cost(self, metric: str) -> np.ndarray:
         return self.params if metric == "params" else self.macs
@@ -152,8 +154,8 @@ def approximations(ladder: Ladder, indices: Sequence[int], budget: Budget) -> It
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
-    """The dense layer's weight (a budget only scans Linear and Conv2d layers)."""
-    assert isinstance(module, (nn.Linear, nn.Conv2d))
+    """The dense layer's weight (a budget scans Linear, Conv2d and Embedding layers)."""
+    assert isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding))
     return module.weight
 
 
@@ -161,8 +163,11 @@ def _forward_with(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias
     """The layer's output with ``weight`` in place of its own, laid out in memory as the dense
     layer's would be (an approximated weight may be a strided view, and the user's next op may be a
     ``.view`` that only works on that layout)."""
-    assert isinstance(module, (nn.Linear, nn.Conv2d))
+    assert isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding))
     weight = weight.to(dtype=module.weight.dtype, device=module.weight.device).contiguous()
+    if isinstance(module, nn.Embedding):  # a lookup: no bias, no layout to keep
+        return F.embedding(x, weight, module.padding_idx, module.max_norm, module.norm_type,
+                           module.scale_grad_by_freq, module.sparse)
     b = module.bias if bias else None
     if isinstance(module, nn.Conv2d):
         return dense_layout(module._conv_forward(x, weight, b), x)
@@ -549,6 +554,12 @@ class BudgetScan:
         """The selection score of ``choice`` (lower is better)."""
         return self.scored(choice).score
 
+    def reset_scores(self) -> None:
+        """Forget cached whole-model scores and weights (after a ladder changed)."""
+        self._scores.clear()
+        self._cache.clear()
+        self._approximators.clear()
+
     def better(self, a: Sequence[int], b: Sequence[int]) -> bool:
         """Whether allocation ``a`` beats ``b`` beyond the calibration batch's noise (:func:`significantly_better`)."""
         return significantly_better(self.scored(a), self.scored(b))
@@ -616,6 +627,10 @@ def allocate(scanned: BudgetScan, budget: Budget) -> Allocation:
     costs = [lad.cost(metric).astype(np.float64) for lad in scanned.ladders]
     sens = [lad.sens for lad in scanned.ladders]
     smallest = fixed + sum(c[0] for c in costs)
+    if smallest > target * (1 + TOLERANCE) and any(lad.trimmed for lad in scanned.ladders):
+        raise BudgetError(f"{source}: budget {budget.label} cannot be met without making layers slower: every rank of "
+                          f"{', '.join(lad.plan.name for lad in scanned.ladders if lad.dropped)[:200]} would raise its "
+                          "MACs above dense (allow_growth: true in its rule allows that)")
     if smallest > target * (1 + TOLERANCE):
         raise BudgetError(f"{source}: budget {budget.label} cannot be met: the smallest ranks give "
                           f"{smallest / total:.3g} of the model's {unit} ({fixed / total:.3g} in what the budget "
@@ -653,9 +668,13 @@ def allocate(scanned: BudgetScan, budget: Budget) -> Allocation:
     used_uniform = list(choice) == list(uniform)
     achieved = fixed + spent(choice)
     if not _within(achieved, target):
+        trimmed = [lad.plan.name for lad in scanned.ladders if lad.trimmed]
+        why = (f"the larger ranks of {', '.join(trimmed[:3])}{' …' if len(trimmed) > 3 else ''} were left out because "
+               "they would raise the layer's MACs above dense (allow_growth: true in its rule keeps them)" if trimmed
+               else "the layers' rank steps are too coarse for this model")
         raise BudgetError(f"{source}: budget {budget.label}: the closest allocation found gives "
-                          f"{achieved / total:.4g} of the model's {unit}, more than {TOLERANCE:.0%} off; the "
-                          "layers' rank steps are too coarse for this model — try another ratio")
+                          f"{achieved / total:.4g} of the model's {unit}, more than {TOLERANCE:.0%} off; {why} — "
+                          "try another ratio")
     seconds = time.perf_counter() - started
     log.info("budget %s: start %s (greedy %.4g, uniform fractions %.4g, uniform ranks %.4g), local search "
              "%d evaluations, %d moves → %.4g in %.2fs", budget.label, start, scores["greedy"],
@@ -809,7 +828,9 @@ def finish(scanned: BudgetScan, allocation: Allocation) -> Plan:
         kl = budget.sensitivity == "kl"  # KL is reported as is; squared relative errors as their root
         err = float(lad.sens[rung]) if kl else math.sqrt(max(float(lad.sens[rung]), 0.0))
         measured = int(lad.measured[: lad.dense].sum())
-        if rung == lad.dense:
+        if lad.dropped:
+            plan.reason = f"budget: {lad.dropped.removeprefix('kept dense: ')}; kept dense"
+        elif rung == lad.dense:
             plan.reason = f"budget: more error per {unit} saved than elsewhere (candidates {lad.span()})"
         else:
             plan.reason = (f"budget: {plan.method} rank {lad.ranks[rung]} (of {lad.dense} candidates {lad.span()} "
@@ -853,7 +874,40 @@ def apply_budget(model: nn.Module, plans: Sequence[LayerPlan], recipe: Recipe, i
         calib = calibration_settings(recipe)
         calibration_input = example_batch(model, input_shape, calib["batch_size"], calib["seed"])
     scanned = scan_model(model, plans, budget, input_shape, calibration_input, recipe.source)
-    return finish(scanned, allocate(scanned, budget))
+    allocation = allocate(scanned, budget)
+    for _ in range(len(scanned.ladders)):  # a layer is never made slower: drop its ranks, allocate again
+        slower = slower_layers(scanned, allocation.choice)
+        if not slower:
+            break
+        for k, why in slower.items():
+            scanned.ladders[k] = trim_ladder(scanned.ladders[k], allocation.choice[k], why)
+        scanned.reset_scores()
+        allocation = allocate(scanned, budget)
+    return finish(scanned, allocation)
+
+
+def slower_layers(scanned: BudgetScan, choice: Sequence[int]) -> dict[int, str]:
+    """The ladders whose chosen rank would make the layer larger or slower than dense (its MACs
+    are counted exactly here; a params budget does not count them per rung), with the reason."""
+    out: dict[int, str] = {}
+    for k, (lad, rung) in enumerate(zip(scanned.ladders, choice)):
+        if rung == lad.dense or lad.plan.settings.get("allow_growth", False):
+            continue
+        plan = _replan(lad, rung, scanned.probe.shapes[lad.plan.name], scanned.source)
+        if plan.action == "keep" and plan.reason.startswith("kept dense:"):
+            out[k] = plan.reason
+    return out
+
+
+def trim_ladder(ladder: Ladder, rung: int, why: str) -> Ladder:
+    """``ladder`` without ``rung`` and every rung at least as large (MACs grow with the rank), so the
+    allocation picks a smaller rank or dense; with none left, why is remembered for the plan."""
+    keep = [i for i in range(ladder.dense) if ladder.params[i] < ladder.params[rung]] + [ladder.dense]
+    cut = Ladder(ladder.plan, ladder.module, [ladder.ranks[i] for i in keep], ladder.params[keep], ladder.macs[keep],
+                 ladder.sens[keep], ladder.measured[keep], ladder.seconds)
+    cut.dropped = why if len(keep) == 1 else ""
+    cut.trimmed = True
+    return cut
 
 
 def _within(achieved: float, target: float) -> bool:

@@ -9,7 +9,7 @@ import torch
 
 from tncompress.checkpoint import LoadedModel
 from tncompress.errors import TncompressError
-from tncompress.finetune import DataOptions, input_geometry, normalization
+from tncompress.finetune import DataOptions, input_geometry, normalization, normalization_source
 
 
 @dataclass
@@ -41,5 +41,5 @@ def calibration_images(loaded: LoadedModel, data: DataOptions, count: int, seed:
     images = torch.stack([x for x, _ in train_set.__getitems__(picks)])
     title = train_set.info.title
     text = (f"{title} train, {len(picks):,} images, {images.shape[1]}×{images.shape[2]}×{images.shape[3]}, "
-            f"normalised: {getattr(train_set, 'normalization', 'dataset default')}")
+            f"normalised: {normalization_source(loaded, data, train_set)['source']}")
     return Calibration(images, text)

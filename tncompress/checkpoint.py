@@ -50,6 +50,7 @@ class LoadedModel:
     path: str
     layers: list[dict[str, Any]] = field(default_factory=list)  # factorized structure already applied
     header: dict[str, Any] = field(default_factory=dict)        # tncompress checkpoint without state_dict
+    note: str = ""  # a whole pickle whose architecture could not be recorded: why, and the flag to add
 
 
 def check_output_path(path: str | Path) -> Path:
@@ -222,7 +223,7 @@ def _read(path: Path, trust_pickle: bool, modules: Sequence[str] = ()) -> Any:
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"{path}: not readable (permissions)")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _sniff(path) == "safetensors":
         return _read_safetensors(path)
     _check_zip_integrity(path)
     try:
@@ -250,6 +251,87 @@ def _read(path: Path, trust_pickle: bool, modules: Sequence[str] = ()) -> Any:
             "pass --import path/to/model_def.py that defines it") from exc
     except Exception as exc:
         raise CheckpointError(f"{path}: unpickling failed ({type(exc).__name__}: {_first_line(exc)})") from exc
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the number the legacy format pickles first
+_LEGACY_BINARY = b"\x8a\x0a" + _LEGACY_MAGIC.to_bytes(10, "little")  # pickle protocol >= 2: LONG1
+_LEGACY_TEXT = f"L{_LEGACY_MAGIC}L\n".encode()  # pickle protocols 0 and 1
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+               (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip archive"), (b"\x89HDF", "an HDF5 file"),
+               (b"\x93NUMPY", "a NumPy .npy array"), (b"\x7fELF", "an executable"))
+
+
+def _sniff(path: Path) -> str:
+    """What the file's first bytes say it is: "zip" (torch.save), "pickle" (torch's legacy format)
+    or "safetensors"; anything else raises a one-line CheckpointError naming what the file looks
+    like, so a YAML or an image is not called a pickle that needs --trust-pickle."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4096)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({_first_line(exc)})") from None
+    if not head:
+        raise CheckpointError(f"{path} is empty (0 bytes), not a readable PyTorch checkpoint")
+    if head.startswith(_ZIP_MAGIC):
+        _check_torch_zip(path)
+        return "zip"
+    if head.startswith(b"\x80") or head.startswith(_LEGACY_TEXT):
+        if _LEGACY_BINARY in head[:32] or head.startswith(_LEGACY_TEXT):
+            return "pickle"
+        raise CheckpointError(f"{path} is a Python pickle, but not a PyTorch checkpoint (torch.save writes a zip "
+                              "archive, or a pickle that starts with PyTorch's magic number); save it with "
+                              "torch.save(model.state_dict(), path)")
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < size:
+        return "safetensors"  # an 8-byte header length, then the JSON header
+    for magic, what in _SIGNATURES:
+        if head.startswith(magic):
+            raise CheckpointError(f"{path} is {what}, not a readable PyTorch checkpoint")
+    text = _as_text(head)
+    if text is not None:
+        raise CheckpointError(f"{path} is {_text_kind(path, text)}, not a readable PyTorch checkpoint")
+    raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: neither a zip archive (torch.save's format) "
+                          f"nor a pickle (its legacy format); it starts with bytes {head[:8].hex(' ')}")
+
+
+def _check_torch_zip(path: Path) -> None:
+    """Refuse a zip archive that is not one torch.save wrote (no ``data.pkl`` inside); a damaged
+    one is left to the integrity check and torch.load, which name the damage."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
+        return
+    if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+        raise CheckpointError(f"{path} is a zip archive of {len(names)} file(s) but not a PyTorch checkpoint "
+                              "(torch.save's archives hold a data.pkl)")
+
+
+def _as_text(head: bytes) -> str | None:
+    """``head`` decoded when it is UTF-8 text without control bytes other than whitespace (a cut
+    multi-byte character at the end is allowed), else None."""
+    if any(byte < 0x20 and byte not in b"\t\n\r\x0b\x0c" for byte in head):
+        return None
+    try:
+        return head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:
+            return None
+        return head[: exc.start].decode("utf-8")
+
+
+def _text_kind(path: Path, text: str) -> str:
+    """"a YAML/text file (it starts with 'version: 1')" and the like, for the error message."""
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    start = f" (it starts with {first[:40]!r})" if first else ""
+    kinds = {".py": "a Python source file", ".json": "a JSON/text file", ".yaml": "a YAML/text file",
+             ".yml": "a YAML/text file"}
+    kind = kinds.get(path.suffix.lower())
+    if kind is None:
+        kind = ("a JSON/text file" if first.startswith(("{", "[")) else
+                "a YAML/text file" if ":" in first else "a text file")
+    return kind + start
 
 
 def _check_zip_integrity(path: Path) -> None:
@@ -415,8 +497,10 @@ def _rebuild_compressed(obj: Mapping[str, Any], path: Path, base_model: nn.Modul
     spec = ModelSpec.from_dict(obj["base"]) if obj["base"].get("arch") else None
     if base_model is None:
         if spec is None:
-            raise CheckpointError(f"{path}: made from a pickled model, so its architecture is not recorded; "
-                                  "pass the base model (--arch, or tncompress.load(path, base_model=...))")
+            why = (obj.get("metadata") or {}).get("architecture_note") or \
+                "pass --arch (and --import / --arch-arg) for its base model"
+            raise CheckpointError(f"{path}: made from a pickled model whose architecture was not recorded: {why} "
+                                  "(from Python: tncompress.load(path, base_model=...))")
         spec = _locate_imports(spec, path, explicit)
         try:
             base_model = build_model(spec)
@@ -441,6 +525,35 @@ def _given_imports(imports: Sequence[str] | None, spec: ModelSpec | None) -> lis
     return files
 
 
+def spec_of_pickled(model: nn.Module, imports: Sequence[str]) -> tuple[ModelSpec | None, str]:
+    """How to rebuild a whole pickled model, so a checkpoint made from it records its architecture:
+    its class, when an --import file (or an installed module) defines it and it builds with no
+    arguments into the same state-dict keys and shapes. Otherwise (None, why — with the flag to add)."""
+    cls = type(model)
+    module_name, qualname = cls.__module__, cls.__qualname__
+    arch = f"{module_name}:{qualname}"
+    files = {Path(f).stem: str(f) for f in imports}
+    if module_name not in files and (module_name == "__main__" or "<locals>" in qualname
+                                     or getattr(sys.modules.get(module_name), "__file__", None) is None):
+        return None, (f"its class {qualname} is not defined in an --import file; pass --import FILE that defines "
+                      f"{qualname} (and --arch FILE_STEM:{qualname} if it needs arguments)")
+    candidate = ModelSpec(arch, {}, [files[module_name]] if module_name in files else [])
+    try:
+        fresh = build_model(candidate)
+    except ModelSpecError as exc:
+        return None, f"{qualname} does not build with no arguments ({exc}); pass --arch {arch} --arch-arg KEY=VALUE"
+    except Exception as exc:  # the user's constructor failed
+        return None, (f"{qualname}() failed with no arguments ({type(exc).__name__}: {_first_line(exc)}); pass --arch "
+                      f"{arch} --arch-arg KEY=VALUE")
+    mine, theirs = model.state_dict(), fresh.state_dict()
+    same = list(mine) == list(theirs) and all(tuple(mine[k].shape) == tuple(theirs[k].shape) for k in mine)
+    if not same:
+        return None, (f"{qualname}() built with no arguments has other weights than the pickled model; pass --arch "
+                      f"{arch} --arch-arg KEY=VALUE with the arguments it was built with")
+    log.info("pickled model: architecture recorded as %s", arch)
+    return candidate, ""
+
+
 def load_model(path: str | Path, spec: ModelSpec | None = None, *, trust_pickle: bool = False,
                imports: list[str] | None = None, base_model: nn.Module | None = None) -> LoadedModel:
     """Load any supported input: a tncompress checkpoint (rebuilt from its recorded spec), a state
@@ -458,7 +571,10 @@ def load_model(path: str | Path, spec: ModelSpec | None = None, *, trust_pickle:
             base_model = build_model(spec)
         return _finite(_rebuild_compressed(obj, path, base_model, explicit))
     if isinstance(obj, nn.Module):
-        return _finite(LoadedModel(obj.eval(), spec, "pickle", str(path)))
+        note = ""
+        if spec is None:
+            spec, note = spec_of_pickled(obj, explicit)
+        return _finite(LoadedModel(obj.eval(), spec, "pickle", str(path), note=note))
     state_dict = _as_state_dict(obj)
     if state_dict is None:
         raise CheckpointError(f"{path}: holds neither a state dict nor a model "

@@ -87,7 +87,8 @@ def decompose(model: nn.Module, recipe: Recipe, *, input_shape: Sequence[int] | 
 
     ``input_shape`` is one sample's shape with a leading batch dimension (e.g. ``[1, 3, 32, 32]``);
     without it, the calibration batch's, else what the first layer decides
-    (:func:`tncompress.input_shape.resolve_input_shape`); the calibration batch defaults to reproducible Gaussian noise of that shape; a given batch
+    (:func:`tncompress.input_shape.resolve_input_shape`). The calibration batch defaults to
+    reproducible Gaussian noise of that shape; a given batch
     (real images, preprocessed as the model expects) is described by ``calibration_source``. With
     real images, BatchNorm statistics are re-estimated on them after decomposition unless the
     recipe says ``calibration: {reestimate_bn: false}``. The recipe's error bounds are enforced

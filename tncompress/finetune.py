@@ -16,6 +16,7 @@ from tncompress import distributed
 from tncompress.checkpoint import LoadedModel, check_output_path, save_compressed
 from tncompress.errors import TncompressError
 from tncompress.models import ModelSpec
+from tncompress.outputs import output_tensor
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,30 @@ def normalization(loaded: LoadedModel, options: DataOptions) -> dict[str, Any]:
             out[key] = list(value)
         elif key in recorded:
             out[key] = recorded[key]
+    return out
+
+
+def normalization_source(loaded: LoadedModel, data: Any, dataset: Any = None) -> dict[str, Any]:
+    """Where the mean/std an evaluation used came from, per value: ``flag`` (--mean/--std),
+    ``checkpoint`` (recorded in its ``metadata.preprocessing``) or ``dataset`` (its defaults).
+
+    The dataset cannot tell: values recorded in a checkpoint reach it as arguments, as flags do."""
+    recorded = recorded_preprocessing(loaded)
+    origin = {key: "flag" if getattr(data, key, None) is not None else "checkpoint" if key in recorded else "dataset"
+              for key in ("mean", "std")}
+    flags = {"mean": "--mean", "std": "--std"}
+    if origin["mean"] == origin["std"] == "flag":
+        text = "given (--mean/--std)"
+    elif origin["mean"] == origin["std"] == "checkpoint":
+        text = "recorded in the checkpoint (metadata.preprocessing)"
+    elif origin["mean"] == origin["std"] == "dataset":
+        text = str(getattr(dataset, "normalization", "") or "the dataset's defaults")
+    else:
+        said = {"flag": "given ({})", "checkpoint": "recorded in the checkpoint", "dataset": "the dataset's default"}
+        text = ", ".join(f"{key} {said[origin[key]].format(flags[key])}" for key in ("mean", "std"))
+    out: dict[str, Any] = {"source": text, "mean_from": origin["mean"], "std_from": origin["std"]}
+    if dataset is not None and hasattr(dataset, "mean"):
+        out.update(mean=[float(v) for v in dataset.mean], std=[float(v) for v in dataset.std])
     return out
 
 
@@ -114,11 +139,48 @@ def check_classes(model: nn.Module, loaded: LoadedModel, dataset: str, example: 
     was = model.training
     model.eval()
     with torch.no_grad():
-        out = model(example[:1].to(next(model.parameters()).device))
+        out = output_tensor(model(example[:1].to(next(model.parameters()).device)), str(loaded.path))
     model.train(was)
     if out.ndim != 2 or out.shape[1] != n:
         raise TncompressError(f"{loaded.path}: the model outputs shape {list(out.shape)} but {dataset} has {n} "
                               f"classes (build it with --arch-arg num_classes={n})")
+
+
+def _one_output(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
+    """``model`` run once in eval mode on ``example`` (moved to its device and float dtype)."""
+    first = next(model.parameters(), None)
+    x = example
+    if first is not None:
+        x = x.to(first.device, dtype=first.dtype if x.is_floating_point() and first.is_floating_point() else None)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        model.train(was)
+    return output_tensor(out, "the model")
+
+
+def check_teacher(teacher: nn.Module, student: nn.Module, example: torch.Tensor, name: str) -> None:
+    """Refuse, before any training, a teacher that does not run on the student's input or whose
+    output shape differs from the student's (another architecture, another class count): the
+    distillation loss would otherwise fail deep inside the first batch."""
+    try:
+        expected = _one_output(student, example[:1])
+    except Exception:  # the student's own problems are reported by check_classes and training
+        return
+    try:
+        got = _one_output(teacher, example[:1])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise TncompressError(f"teacher {name} does not run on the student's input {list(example[:1].shape)} "
+                              f"({type(exc).__name__}: {first}); distil from a model of the same task and "
+                              "input size (usually the dense model the student was compressed from)") from None
+    if got.shape != expected.shape:
+        raise TncompressError(f"teacher {name} outputs shape {list(got.shape)} but the student outputs "
+                              f"{list(expected.shape)} on the same one-sample batch; distil from a model with "
+                              "the same outputs (usually the dense model the student was compressed from)")
 
 
 def train_and_save(loaded: LoadedModel, output: str | Path, data: DataOptions, config: Any, *,
@@ -161,7 +223,7 @@ def _train_and_save(loaded: LoadedModel, output: Path, data: DataOptions, config
     example = train_set[0][0].unsqueeze(0)
     check_classes(loaded.model, loaded, data.name, example)
     if teacher is not None:
-        check_classes(teacher, loaded, data.name, example)
+        check_teacher(teacher, loaded.model, example, (extra_metadata or {}).get("teacher") or "the teacher")
 
     def loader_for(epoch: int):
         return make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,

@@ -3,7 +3,8 @@
 The order, first match wins:
 
 1. ``--input-shape`` as given;
-2. the shape recorded with the model (a tncompress checkpoint's spec);
+2. the shape recorded with the model (a tncompress checkpoint's spec), or the one a reference net
+   (``mlp-1024``, ``lenet5``) or a ``cifar_stem`` ResNet is built for;
 3. the dataset the command reads (``--dataset`` / ``--calibration-data``): its channels and native
    image size (a model whose first layer is a conv keeps that conv's channel count);
 4. the architecture's own default (the reference nets; torchvision models: 3×224×224, 3×32×32 with
@@ -113,6 +114,8 @@ def resolve_input_shape(model: nn.Module, spec: ModelSpec | None, given: Sequenc
         choice = InputShape([int(v) for v in given], "given (--input-shape)")
     elif spec is not None and spec.input_shape:
         choice = InputShape(list(spec.input_shape), "recorded with the model")
+    elif spec is not None and (spec.arch in BUILTIN_MODELS or spec.kwargs.get("cifar_stem")):
+        choice = InputShape(spec.default_input_shape(), f"the input {spec.arch} is built for")
     elif dataset is not None:
         choice = _from_dataset(model, dataset)
     if choice is None:

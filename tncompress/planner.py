@@ -320,7 +320,30 @@ def plan_layer(choice: LayerChoice, module: nn.Module,
     plan.params_after = dense_params(layer)
     plan.macs_after = factorized_macs(layer, call_shapes(plan) or shapes[0])
     plan.reason = method.describe(planned)
+    growth = growth_reason(plan, method.dense_compute)
+    if growth and not choice.settings.get("allow_growth", False):
+        return keep_dense(plan, f"kept dense: {name} {plan.ranks} {growth}; a layer is never made larger or slower "
+                                "unless its rule says allow_growth: true")
     growth_notes(plan)
+    return plan
+
+
+def growth_reason(plan: LayerPlan, dense_compute: bool = False) -> str | None:
+    """Why the planned factorization is no gain: more parameters than the dense layer, or (unless the
+    method always runs the dense op, or the dense layer is a lookup without MACs) more MACs."""
+    if plan.params_after >= plan.params_before:
+        return f"would have {plan.params_after:,} params against {plan.params_before:,} dense"
+    if not dense_compute and plan.macs_before and plan.macs_after > plan.macs_before:
+        return (f"would raise the layer's MACs {plan.macs_after / plan.macs_before:.2f}× "
+                f"({plan.macs_after:,} against {plan.macs_before:,} dense)")
+    return None
+
+
+def keep_dense(plan: LayerPlan, reason: str) -> LayerPlan:
+    """``plan`` turned back into "keep" with ``reason`` (the dense counts restored)."""
+    plan.action, plan.method, plan.config, plan.ranks = "keep", "none", {}, None
+    plan.params_after, plan.macs_after = plan.params_before, plan.macs_before
+    plan.reason = reason
     return plan
 
 
@@ -336,6 +359,14 @@ def growth_notes(plan: LayerPlan) -> None:
         plan.notes.append(f"adds {plan.macs_after:,} MACs per sample: the dense lookup has none (it reads rows)")
 
 
+def _factorized_layers(model: nn.Module) -> dict[str, str]:
+    """Name → method of the layers ``model`` already has factorized (a reloaded compressed model),
+    so that a rule naming one is told so instead of "matches no layer"."""
+    from tncompress.layers.base import FactorizedLayer
+
+    return {name: type(module).method for name, module in model.named_modules() if isinstance(module, FactorizedLayer)}
+
+
 def plan_layers(model: nn.Module, recipe: Recipe, input_shape: Sequence[int]) -> Plan:
     """Match the recipe to ``model`` and resolve every decomposable layer into a :class:`LayerPlan`.
 
@@ -345,7 +376,7 @@ def plan_layers(model: nn.Module, recipe: Recipe, input_shape: Sequence[int]) ->
     """
     candidates = list(candidate_layers(model))
     pairs = [(name, type_name(module) or "") for name, module, _ in candidates]
-    choices = match_layers(recipe, pairs)
+    choices = match_layers(recipe, pairs, _factorized_layers(model))
     example = example_batch(model, input_shape)
     shapes = trace_shapes(model, example, [n for n, _, _ in candidates])
     uncalled = [n for n, _, blocked in candidates if n not in shapes and not blocked]
@@ -368,5 +399,47 @@ def plan_layers(model: nn.Module, recipe: Recipe, input_shape: Sequence[int]) ->
                                params_before=dense_params(module), params_after=dense_params(module)))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     plans.sort(key=lambda p: order.get(p.name, len(order)))
+    small_layer_notes(plans, dense_params(model))
     return Plan(plans)
+
+
+SMALL_SHARE = 0.01  # a layer whose factorization saves less than this share of the model gains nothing worth its error
+
+
+def small_layer_notes(plans: Sequence[LayerPlan], total_params: int) -> None:
+    """Note the layers a uniform fraction (``rank: 0.5``) decomposes although they hold too little of
+    the model to gain anything — a 1-channel stem, a 10-way head: their error costs accuracy for a
+    saving below 1% of the model's parameters and MACs. A budget would weigh that; a fraction cannot."""
+    total_macs = sum(p.macs_before for p in plans)
+    for plan in plans:
+        rank = plan.settings.get("rank")
+        if plan.action != "decompose" or not isinstance(rank, float) or plan.budget is not None:
+            continue
+        saved_params = (plan.params_before - plan.params_after) / max(total_params, 1)
+        saved_macs = (plan.macs_before - plan.macs_after) / max(total_macs, 1)
+        narrow = _narrow_side(plan.config)
+        if saved_params < SMALL_SHARE and saved_macs < SMALL_SHARE:
+            why = f"saves {saved_params:.2%} of the model's params and {saved_macs:.2%} of its MACs"
+        elif narrow:
+            why = narrow
+        else:
+            continue
+        plan.notes.append(f"a uniform fraction (rank: {rank:g}) on a layer this small ({why}) costs accuracy for "
+                          "little; consider method: none here, or a budget (--budget params:R), which weighs that")
+
+
+def _narrow_side(config: dict[str, Any]) -> str | None:
+    """Whether a layer is too narrow for a rank cut to keep it accurate: a conv with at most 3 input
+    channels (a stem), or a weight with a side of at most 16 (a 10-way head)."""
+    cin, cout = config.get("in_channels"), config.get("out_channels")
+    if isinstance(cin, int) and isinstance(cout, int):
+        kernel = config.get("kernel_size") or [1, 1]
+        if cin <= 3:
+            return f"{cin} input channel(s): a stem"
+        side = min(cout, cin * int(kernel[0]) * int(kernel[1]))
+        return f"its weight has a side of {side}" if side <= 16 else None
+    fin, fout = config.get("in_features"), config.get("out_features")
+    if isinstance(fin, int) and isinstance(fout, int) and min(fin, fout) <= 16:
+        return f"{min(fin, fout)} {'outputs' if fout <= fin else 'inputs'}"
+    return None
 

@@ -13,7 +13,7 @@ import copy
 import difflib
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,8 @@ RECIPE_VERSION = 1
 TYPES = ("Linear", "Conv2d", "Embedding")
 SELECTORS = ("name", "pattern", "regex", "type")
 # settings every method accepts: a bound on the layer's relative output error on the calibration batch
-COMMON_SETTING_KEYS = frozenset({"max_output_error", "data_aware"})
-BOOLEAN_KEYS = frozenset({"data_aware"})
+COMMON_SETTING_KEYS = frozenset({"max_output_error", "data_aware", "allow_growth"})
+BOOLEAN_KEYS = frozenset({"data_aware", "allow_growth"})
 TOP_KEYS = frozenset({"version", "defaults", "layers", "exclude", "calibration", "budget"})
 BUDGET_KEYS = frozenset({"params_ratio", "macs_ratio", "sensitivity", "candidates", "cp_iterations"})
 CALIBRATION_KEYS = frozenset({"batch_size", "seed", "max_output_error", "max_model_error", "reestimate_bn"})
@@ -318,9 +318,77 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str 
     return data
 
 
+# The recipe of ``--budget`` without ``--recipe``: a sensible method per layer type, ranks left to
+# the budget. Low-rank (truncated SVD) for Linear layers: exact at full rank and never slower than
+# dense at a rank that saves parameters; Tucker-2 for convolutions (a 1×1 conv becomes its truncated
+# SVD). Embeddings stay dense: tables are often tied to the output head.
+DEFAULT_METHODS: dict[str, dict[str, Any]] = {"Linear": {"method": "lowrank"}, "Conv2d": {"method": "tucker2"}}
+
+
+def parse_budget_option(text: str, flag: str = "--budget") -> dict[str, float]:
+    """``params:0.5`` / ``macs:0.5`` (a bare number is a parameter ratio) → the recipe's budget target."""
+    raw = str(text).strip()
+    metric, sep, value = raw.partition(":")
+    if not sep:
+        metric, value = "params", raw
+    metric = metric.strip().lower()
+    if metric not in ("params", "macs"):
+        raise RecipeError(f"{flag} {raw!r}: expected params:R or macs:R with R in (0, 1], e.g. {flag} params:0.5")
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise RecipeError(f"{flag} {raw!r}: {value.strip()!r} is not a number; e.g. {flag} {metric}:0.5") from None
+    if not 0 < ratio <= 1:
+        raise RecipeError(f"{flag} {raw!r}: the ratio is compressed / dense, in (0, 1]; e.g. {flag} {metric}:0.5")
+    return {f"{metric}_ratio": ratio}
+
+
+DEFAULT_SOURCE = "the default recipe (low-rank Linear layers, Tucker-2 convolutions)"
+
+
+def default_recipe(overrides: Sequence[str] = ()) -> Recipe:
+    """:data:`DEFAULT_METHODS` as a recipe without a budget (a sweep sets ranks or budgets per point)."""
+    data: dict[str, Any] = {"version": RECIPE_VERSION, "defaults": copy.deepcopy(DEFAULT_METHODS)}
+    return parse_recipe(apply_overrides(data, overrides) if overrides else data, source=DEFAULT_SOURCE)
+
+
+def build_recipe(path: str | Path | None, overrides: Sequence[str] = (), budget: str | None = None) -> Recipe:
+    """The recipe of a command: the file (with ``--set`` overrides), its budget target replaced by
+    ``--budget`` when given; without a file, :data:`DEFAULT_METHODS` under that budget."""
+    if path is None:
+        if budget is None:
+            raise RecipeError("give a recipe (--recipe FILE) or a budget (--budget params:0.5 or --budget macs:0.5)")
+        data: dict[str, Any] = {"version": RECIPE_VERSION, "defaults": copy.deepcopy(DEFAULT_METHODS),
+                                "budget": parse_budget_option(budget)}
+        if overrides:
+            data = apply_overrides(data, overrides)
+        return parse_recipe(data, source=f"--budget {budget}")
+    if budget is None:
+        return load_recipe(path, overrides)
+    data = read_recipe_data(Path(path))
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping with 'version: 1'")
+    old = data.get("budget")
+    kept = {k: v for k, v in old.items() if k not in ("params_ratio", "macs_ratio")} if isinstance(old, dict) else {}
+    data["budget"] = {**kept, **parse_budget_option(budget)}
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return parse_recipe(data, source=str(path))
+
+
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read, override and validate a recipe file."""
     path = Path(path)
+    data = read_recipe_data(path)
+    if overrides:
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe is a YAML mapping with 'version: 1'")
+        data = apply_overrides(data, overrides)
+    return parse_recipe(data, source=str(path))
+
+
+def read_recipe_data(path: Path) -> Any:
+    """A recipe file's YAML, or a one-line error."""
     if path.is_dir():
         raise RecipeError(f"{path}: is a folder, not a recipe file")
     if not path.is_file():
@@ -338,11 +406,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
     if data is None:
         raise RecipeError(f"{path}: the recipe is empty; start with 'version: 1'")
-    if overrides:
-        if not isinstance(data, dict):
-            raise RecipeError(f"{path}: a recipe is a YAML mapping with 'version: 1'")
-        data = apply_overrides(data, overrides)
-    return parse_recipe(data, source=str(path))
+    return data
 
 
 def _hint(value: str, names: Sequence[str]) -> str:
@@ -350,11 +414,25 @@ def _hint(value: str, names: Sequence[str]) -> str:
     return f"; closest layers: {', '.join(close)}" if close else f"; layers are named like {', '.join(names[:3])}"
 
 
-def match_layers(recipe: Recipe, layers: Sequence[tuple[str, str]]) -> list[LayerChoice]:
-    """Match the recipe against ``(qualified name, type name)`` pairs of the decomposable layers.
+def _factorized_hint(recipe: Recipe, what: str, named: Sequence[str], factorized: Mapping[str, str]) -> None:
+    """Raise the error for a rule (or exclude entry) that names only layers which are already
+    factorized (a compressed model decomposed again): "matches no layer" would be misleading."""
+    hits = [f"{name} ({factorized[name]})" for name in named]
+    if hits:
+        shown = ", ".join(hits[:3]) + (f" and {len(hits) - 3} more" if len(hits) > 3 else "")
+        raise RecipeError(f"{recipe.source}: {what} names {shown}, already factorized; rules apply to dense "
+                          "layers only (decompose the original dense model with the recipe instead)")
+
+
+def match_layers(recipe: Recipe, layers: Sequence[tuple[str, str]],
+                 factorized: Mapping[str, str] | None = None) -> list[LayerChoice]:
+    """Match the recipe against ``(qualified name, type name)`` pairs of the decomposable layers;
+    ``factorized`` (name → method of the layers a model already has factorized) only makes the
+    error for a rule that names one of those say so.
 
     Raises :class:`RecipeError` for a rule or exclude entry that matches nothing.
     """
+    factorized = factorized or {}
     names = [n for n, _ in layers]
     used_rules: set[int] = set()
     used_excludes: set[str] = set()
@@ -380,10 +458,17 @@ def match_layers(recipe: Recipe, layers: Sequence[tuple[str, str]]) -> list[Laye
     for rule in recipe.rules:
         if rule.index not in used_rules:
             if rule.selector == "type":
+                example = next(iter(factorized.items()), None)
+                already = (f" (its already factorized layers, e.g. {example[0]} ({example[1]}), are not dense layers: "
+                           "rules apply to dense layers only)" if example else "")
                 raise RecipeError(f"{recipe.source}: {rule.label} matches no layer: the model has no {rule.value} "
-                                  "layers that can be decomposed")
+                                  f"layers that can be decomposed{already}")
+            named = [n for n in factorized if rule.matches(n, rule.type_filter or "")]
+            _factorized_hint(recipe, rule.label, named, factorized)
             raise RecipeError(f"{recipe.source}: {rule.label} matches no layer{_hint(rule.value, names)}")
     for pattern in recipe.exclude:
         if pattern not in used_excludes:
+            named = [n for n in factorized if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+            _factorized_hint(recipe, f"exclude entry {pattern!r}", named, factorized)
             raise RecipeError(f"{recipe.source}: exclude entry {pattern!r} matches no layer{_hint(pattern, names)}")
     return choices

@@ -21,7 +21,7 @@ from tncompress.budget import BUDGET_METHODS
 from tncompress.checkpoint import LoadedModel, atomic_write
 from tncompress.errors import TncompressError
 from tncompress.finetune import DataOptions, check_classes, input_geometry, normalization, test_loader
-from tncompress.recipe import Recipe, apply_overrides, load_recipe, parse_recipe
+from tncompress.recipe import Recipe, apply_overrides, default_recipe, load_recipe, parse_recipe
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,51 @@ def _recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# The settings a finished point's numbers depend on: a sweep resumed in the same folder reuses its
+# points only when every one of them is unchanged (the recipe's hash covers its --set overrides; the
+# model's hash, the dense model that is also the fine-tune's teacher). The device is left out: it
+# changes results only by floating-point rounding.
+REUSE_KEYS = ("model_path", "model_sha256", "recipe_sha", "dataset", "mean", "std", "augment", "limit_test",
+              "limit_train", "input_shape", "calibration", "calibration_size", "seed", "finetune_epochs", "lr",
+              "batch_size", "kd_weight")
+
+
+def _model_hash(loaded: LoadedModel) -> str | None:
+    """SHA-256 of the model's file (None for a model that has none): a retrained file at the same
+    path must not reuse the points of the old one."""
+    from tncompress.models import file_sha256
+
+    path = Path(loaded.path) if loaded.path else None
+    return file_sha256(path) if path is not None and path.is_file() else None
+
+
+def _data_settings(loaded: LoadedModel, options: SweepOptions) -> dict[str, Any]:
+    """The normalisation actually applied (given, else recorded with the model) and augmentation."""
+    norm = normalization(loaded, options.data)
+    return {"mean": norm.get("mean"), "std": norm.get("std"), "augment": options.data.augment}
+
+
+def _finetune_settings(options: SweepOptions) -> dict[str, Any]:
+    """Fine-tune settings; None without a fine-tune, where they change nothing (so they do not
+    block reusing points)."""
+    tuned = options.finetune_epochs > 0
+    return {"lr": options.lr if tuned else None, "batch_size": options.batch_size if tuned else None,
+            "kd_weight": options.kd_weight if tuned else None}
+
+
+def _changed_settings(previous: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """``"lr 0.01 → 0.1"`` for every reuse key whose value differs from the previous run's (compared
+    as JSON, as they are stored); a key the previous run did not record counts as changed."""
+    now = json.loads(json.dumps(settings, default=str))
+    changed = []
+    for key in REUSE_KEYS:
+        if key not in previous:
+            changed.append(f"{key} not recorded by the earlier run")
+        elif previous[key] != now[key]:
+            changed.append(f"{key} {previous[key]} → {now[key]}")
+    return changed
+
+
 def calibration_from_dataset(loaded: LoadedModel, data: DataOptions, count: int, seed: int) -> torch.Tensor:
     """``count`` training images shaped and normalised for ``loaded``'s model: real data for the
     decomposition's calibration and a budget's sensitivity scan (see :mod:`tncompress.calibration`)."""
@@ -141,7 +186,7 @@ def _ranks_summary(plan: Sequence[Any]) -> str:
     return "; ".join(f"{p.name}: {p.method} {p.ranks}" for p in plan if p.action == "decompose")
 
 
-def run_sweep(loaded: LoadedModel, recipe_path: str | Path, points: Sequence[SweepPoint], out_dir: str | Path,
+def run_sweep(loaded: LoadedModel, recipe_path: str | Path | None, points: Sequence[SweepPoint], out_dir: str | Path,
               options: SweepOptions, *, overrides: Sequence[str] = (), input_shape: Sequence[int] | None = None,
               note: str | None = None, on_event: Event | None = None) -> dict[str, Any]:
     """Run every point not already in ``out_dir/sweep.json``; returns the results (also written)."""
@@ -156,7 +201,7 @@ def run_sweep(loaded: LoadedModel, recipe_path: str | Path, points: Sequence[Swe
     if out_dir.exists() and not out_dir.is_dir():
         raise TncompressError(f"-o {out_dir}: exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = load_recipe(recipe_path, overrides) if recipe_path is not None else default_recipe(overrides)
     recipes = {p.label: point_recipe(recipe, p) for p in points}  # every point's recipe is valid before any work
     model = loaded.model.eval()
     shape = list(input_shape) if input_shape else None
@@ -166,12 +211,16 @@ def run_sweep(loaded: LoadedModel, recipe_path: str | Path, points: Sequence[Swe
     shape = shape or [1, *example.shape[1:]]
     check_classes(model, loaded, options.data.name, example)
     settings = {"model": Path(loaded.path).name if loaded.path else "model", "model_path": str(loaded.path),
-                "recipe": Path(recipe_path).name, "recipe_path": str(recipe_path), "recipe_sha": _recipe_hash(recipe),
+                "model_sha256": _model_hash(loaded),
+                "recipe": Path(recipe_path).name if recipe_path is not None else recipe.source,
+                "recipe_path": str(recipe_path) if recipe_path is not None else None, "recipe_sha": _recipe_hash(recipe),
+                "recipe_overrides": list(overrides),
                 "dataset": options.data.name, "dataset_title": dataset_info(options.data.name).title,
                 "limit_test": options.data.limit_test,
                 "limit_train": options.data.limit_train, "finetune_epochs": options.finetune_epochs,
                 "calibration": options.calibration, "calibration_size": options.calibration_size,
-                "input_shape": shape, "seed": options.seed}
+                "input_shape": shape, "seed": options.seed, **_data_settings(loaded, options),
+                **_finetune_settings(options)}
     results: dict[str, Any] = {"schema_version": 1, "settings": settings, "baseline": None, "points": []}
     existing = out_dir / "sweep.json"
     if existing.exists():
@@ -179,12 +228,10 @@ def run_sweep(loaded: LoadedModel, recipe_path: str | Path, points: Sequence[Swe
             previous = json.loads(existing.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise TncompressError(f"{existing}: cannot read the previous results ({exc}); move it away to start afresh") from None
-        differs = [k for k in ("recipe_sha", "dataset", "limit_test", "finetune_epochs", "calibration",
-                               "calibration_size", "model_path")
-                   if previous.get("settings", {}).get(k) != settings[k]]
+        differs = _changed_settings(previous.get("settings") or {}, settings)
         if differs:
-            raise TncompressError(f"{existing} holds a sweep with other settings ({', '.join(differs)} differ); "
-                                  "use another -o folder")
+            raise TncompressError(f"{existing} holds a sweep with other settings ({'; '.join(differs)}), so its "
+                                  "finished points cannot be reused; use another -o folder (or move it away)")
         results["baseline"], results["points"] = previous.get("baseline"), list(previous.get("points") or [])
 
     from tncompress.planner import example_batch

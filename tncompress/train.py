@@ -35,6 +35,7 @@ from tncompress._version import __version__
 from tncompress.checkpoint import atomic_save, check_output_path, load_state_dict_into
 from tncompress.distributed import SINGLE, Ranks
 from tncompress.errors import CheckpointError, TncompressError
+from tncompress.outputs import output_tensor
 
 log = logging.getLogger(__name__)
 
@@ -208,13 +209,38 @@ def resolve_amp(amp: str, device: torch.device, model_dtype: torch.dtype = torch
     return torch.float16, True, "fp16"
 
 
-def uses_channels_last(memory_format: str, model: nn.Module) -> bool:
-    """Whether to train ``model`` in channels-last layout: ``auto`` → if it has a 2-D convolution."""
+def uses_channels_last(memory_format: str, model: nn.Module, example: torch.Tensor | None = None) -> bool:
+    """Whether to train ``model`` in channels-last layout: ``auto`` → if it has a 2-D convolution and
+    its forward runs on a channels-last ``example`` (a user's ``x.view(-1, 320)`` after a conv does
+    not: NHWC activations are not viewable so, and auto then trains in the default layout)."""
     if memory_format == "channels-last":
         return True
     if memory_format == "contiguous":
         return False
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return False
+    if example is None or example.dim() != 4:
+        return True
+    return _runs_channels_last(model, example)
+
+
+def _runs_channels_last(model: nn.Module, example: torch.Tensor) -> bool:
+    """Whether ``model``'s forward accepts NHWC activations (tried on a copy in eval mode)."""
+    import copy
+
+    probe = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+    first = next(probe.parameters(), None)
+    x = example[:1].to(first.device if first is not None else "cpu")
+    if first is not None and x.is_floating_point():
+        x = x.to(first.dtype)
+    try:
+        with torch.no_grad():
+            probe(x.contiguous(memory_format=torch.channels_last))
+    except Exception as exc:  # the user's forward needs the default layout
+        log.info("training in the default layout: the model's forward fails on channels-last tensors (%s: %s)",
+                 type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return False
+    return True
 
 
 def channels_last_used(model: nn.Module) -> bool:
@@ -405,7 +431,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
                                     enabled=amp_dtype is not None):
-                    logits = model(x)
+                    logits = output_tensor(model(x), "the model")
                 logits = logits.float()
                 num_classes = logits.shape[1]
                 k = min(5, num_classes)
@@ -733,13 +759,13 @@ def _loss(run: _Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, to
     config = run.config
     with torch.autocast(device_type=run.device.type, dtype=run.amp_dtype or torch.float32,
                         enabled=run.amp_dtype is not None):
-        logits = run.forward(x)
+        logits = output_tensor(run.forward(x), "the model")
         loss = torch.zeros((), device=run.device)
         if config.kd_weight < 1:
             loss = (1 - config.kd_weight) * F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
         if run.teacher is not None:
             with torch.inference_mode():  # no autograd bookkeeping for the teacher at all
-                teacher_logits = run.teacher(_to(x, run.device, run.teacher_dtype))
+                teacher_logits = output_tensor(run.teacher(_to(x, run.device, run.teacher_dtype)), "the teacher")
             loss = loss + config.kd_weight * distillation_loss(logits, teacher_logits, config.kd_temperature)
     return logits, loss
 
@@ -856,7 +882,8 @@ def _evaluate_epoch(run: _Run, epoch: int, stats: _EpochStats, test_loader: Iter
 
 
 def _start(model: nn.Module, config: TrainConfig, teacher: nn.Module | None, state_path: Path | None,
-           saved: dict[str, Any] | None, on_event: Event | None, report_every: int) -> _Run:
+           saved: dict[str, Any] | None, on_event: Event | None, report_every: int,
+           example: torch.Tensor | None = None) -> _Run:
     """Move the model (and teacher) to the device and set up precision, optimizer and scaler; in a
     distributed run, wrap the model in DistributedDataParallel (events then go to rank 0 only)."""
     ranks = distributed.current()
@@ -864,7 +891,10 @@ def _start(model: nn.Module, config: TrainConfig, teacher: nn.Module | None, sta
     dtype = _model_dtype(model)
     amp_dtype, use_scaler, amp_name = resolve_amp(config.amp, device, dtype)
     model.to(device)
-    channels_last = uses_channels_last(config.memory_format, model)
+    channels_last = uses_channels_last(config.memory_format, model, example)
+    if channels_last and teacher is not None and config.memory_format == "auto" and example is not None \
+            and example.dim() == 4 and not _runs_channels_last(teacher, example):
+        channels_last = False  # the teacher sees the same input tensors
     if channels_last:
         model.to(memory_format=torch.channels_last)
     teacher_dtype = dtype
@@ -883,6 +913,16 @@ def _start(model: nn.Module, config: TrainConfig, teacher: nn.Module | None, sta
                 teacher_dtype=teacher_dtype, state_path=state_path, saved=saved,
                 on_event=on_event if ranks.is_main else None, report_every=report_every, ranks=ranks, net=net,
                 channels_last=channels_last)
+
+
+def _first_input(loader: Iterable[Any]) -> torch.Tensor | None:
+    """One input batch of ``loader`` (to try the model's layout on), or None."""
+    try:
+        item = next(iter(loader))
+    except (StopIteration, TypeError):
+        return None
+    x = item[0] if isinstance(item, (tuple, list)) else item
+    return x if isinstance(x, torch.Tensor) else None
 
 
 def train(model: nn.Module, train_loader_factory: Callable[[int], Iterable[Any]], test_loader: Iterable[Any],
@@ -907,7 +947,7 @@ def train(model: nn.Module, train_loader_factory: Callable[[int], Iterable[Any]]
     teacher, path, saved = _checked_arguments(config, teacher, state_path, resume, report_every)
     teacher_modes = {m: m.training for m in teacher.modules()} if teacher is not None else {}
     try:
-        run = _start(model, config, teacher, path, saved, on_event, report_every)
+        run = _start(model, config, teacher, path, saved, on_event, report_every, _first_input(test_loader))
         _restore(run)
         if run.start_epoch >= config.epochs:
             log.info("%s already holds %d completed epochs: nothing to train", path, run.start_epoch)

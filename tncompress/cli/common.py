@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
+from typer.core import TyperGroup
 
 from tncompress._version import __version__
 from tncompress.errors import EXIT_INTERNAL, TncompressError
@@ -21,8 +23,56 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_CODES_HELP = ("Exit codes: 0 success, 1 internal error (a bug: rerun with --debug), 2 user error (bad input, "
                    "recipe, option or path), 3 a quality gate failed (report --gate, or a recipe's error bound).")
+# Root flags that are also accepted after the command name (``tncompress decompose … --debug``).
+ROOT_FLAGS = ("--debug", "--verbose", "-v")
+
+
+def root_flags_first(group: Any, args: list[str]) -> list[str]:
+    """``args`` with the root flags that follow the command name moved before it, so that
+    ``--debug``/``--verbose`` work in either position. Stops at ``--``; skips the values of the
+    command's own options (``--note -v`` keeps its value) and flags the command defines itself."""
+    commands = getattr(group, "commands", {})
+    start = next((i for i, arg in enumerate(args) if arg in commands), None)
+    if start is None:
+        return list(args)
+    command = commands[args[start]]
+    own: set[str] = set()
+    takes_value: set[str] = set()
+    for param in command.params:  # typer's own click: options are known by their type name
+        if getattr(param, "param_type_name", None) == "option":
+            names = set(param.opts) | set(param.secondary_opts)
+            own |= names
+            if not param.is_flag and not param.count:
+                takes_value |= names
+    moved: list[str] = []
+    rest: list[str] = []
+    i = start + 1
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest.extend(args[i:])
+            break
+        if arg in ROOT_FLAGS and arg not in own:
+            moved.append(arg)
+        else:
+            rest.append(arg)
+            if arg in takes_value and i + 1 < len(args):
+                rest.append(args[i + 1])
+                i += 1
+        i += 1
+    return [*args[:start], *moved, args[start], *rest]
+
+
+class RootGroup(TyperGroup):
+    """The ``tncompress`` group: root flags may also follow the command name."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, root_flags_first(self, args))
+
+
 app = typer.Typer(
     name="tncompress",
+    cls=RootGroup,
     help=f"Make trained PyTorch models smaller and faster with tensor decompositions.\n\n{EXIT_CODES_HELP}",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -47,8 +97,9 @@ def _version_callback(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
                                  help="Show the version and exit."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the library does."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs (also after the command name)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Log what the library does (also after the command name)."),
 ) -> None:
     """Make trained PyTorch models smaller and faster with tensor decompositions."""
     _state["debug"] = debug
@@ -58,9 +109,11 @@ def _root(
 
 
 def _fail(message: str, code: int) -> None:
+    """``error: <message>`` on stderr and exit ``code``; the message is printed as it is (escaped:
+    paths like ``model[v2].pt`` and hints like ``tncompress[export]`` are not rich markup)."""
     where = _launched_rank()
     prefix = f"rank {where}: " if where is not None else ""  # under torchrun: say which process failed
-    err_console.print(f"[bold red]error:[/] {prefix}{message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(prefix + message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -129,15 +182,14 @@ def load_input(path: Path, arch, arch_args, imports, trust_pickle, input_shape):
     return load_model(path, spec, trust_pickle=trust_pickle, imports=[str(p) for p in imports or []])
 
 
-def input_shape_of(loaded, input_shape: str | None) -> list[int]:
+def input_shape_of(loaded, input_shape: str | None, dataset: str | None = None) -> list[int]:
+    """The shape to run the model at: given, recorded, the dataset's, the architecture's, or the
+    first layer's (:func:`tncompress.input_shape.resolve_input_shape`), checked by one forward."""
+    from tncompress.input_shape import resolve_input_shape
     from tncompress.measure import parse_shape
 
-    if input_shape:
-        return parse_shape(input_shape)
-    if loaded.spec is not None:
-        return loaded.spec.default_input_shape()
-    raise TncompressError(f"{loaded.path}: give --input-shape (e.g. 1,3,224,224); a pickled model records none")
-
+    given = parse_shape(input_shape) if input_shape else None
+    return resolve_input_shape(loaded.model, loaded.spec, given, dataset).shape
 
 
 def torch_seed(seed: int) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tncompress.cli.common import (
@@ -21,13 +22,14 @@ from tncompress.cli.common import (
 from tncompress.cli.options import (
     ArchArgOpt,
     ArchOpt,
+    BudgetOpt,
     CalibrationDataOpt,
     CalibrationSizeOpt,
     DataDirOpt,
     ImportOpt,
     InputShapeOpt,
     MeanOpt,
-    RecipeOpt,
+    OptionalRecipeOpt,
     SetOpt,
     StdOpt,
     TrustOpt,
@@ -40,7 +42,8 @@ from tncompress.errors import TncompressError
 @handle_errors
 def decompose(
     checkpoint: Path = typer.Argument(..., help="Input: state dict (with --arch), tncompress checkpoint, or trusted pickle."),
-    recipe: Path = RecipeOpt,
+    recipe: Path = OptionalRecipeOpt,
+    budget_text: str = BudgetOpt,
     output: Path = typer.Option(..., "--output", "-o", help="Compressed checkpoint to write (atomically)."),
     overrides: list[str] = SetOpt,
     arch: str = ArchOpt,
@@ -63,18 +66,18 @@ def decompose(
     from tncompress.compress import decompose as decompose_model
     from tncompress.measure import count_params
     from tncompress.models import ModelSpec
-    from tncompress.recipe import load_recipe
+    from tncompress.recipe import build_recipe
 
     if output.resolve() == checkpoint.resolve():
         raise TncompressError(f"--output {output} is the input file; write the compressed model to a new file")
     check_output_path(output)
-    rec = load_recipe(recipe, overrides or [])
+    rec = build_recipe(recipe, overrides or [], budget_text)
     loaded = load_input(checkpoint, arch, arch_args, imports, trust_pickle, input_shape)
-    shape = input_shape_of(loaded, input_shape)
+    shape = input_shape_of(loaded, input_shape, calibration_data)
     mean_values, std_values = parse_floats(mean, "--mean"), parse_floats(std, "--std")
     images, source = calibration_input(loaded, calibration_data, calibration_size, data_dir, mean_values, std_values)
     if source:
-        err_console.print(f"calibration: {source}", highlight=False)
+        err_console.print(f"calibration: {escape(source)}", highlight=False)
     params_before = count_params(loaded.model)
     # the bar starts with the first layer, so an error while planning is one line with nothing before it
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -87,7 +90,7 @@ def decompose(
             progress.start()
             task = progress.add_task("decomposing", total=total)
         if event == "start":
-            progress.update(task, description=f"{entry.name}: {entry.method} {entry.ranks}")
+            progress.update(task, description=escape(f"{entry.name}: {entry.method} {entry.ranks}"))
         else:
             progress.update(task, advance=1)
 
@@ -102,14 +105,17 @@ def decompose(
     layers, budget, model_error = result.plan, result.budget, result.model_output_error
     calib = result.calibration
     for problem in result.bound_violations:
-        err_console.print(f"[yellow]warning:[/] {problem} (written anyway: --allow-error)", highlight=False)
+        err_console.print(f"[yellow]warning:[/] {escape(problem)} (written anyway: --allow-error)", highlight=False)
     spec = loaded.spec
     if spec is not None:
         spec = ModelSpec(spec.arch, spec.kwargs, spec.imports, list(shape))
     save_compressed(output, result.model, spec=spec, plan=[p.to_dict() for p in layers], recipe=rec.raw,
                     metadata={"source": str(checkpoint), "source_kind": loaded.kind,
-                              "source_sha256": file_sha256(checkpoint), "recipe_path": str(recipe),
-                              "recipe_sha256": file_sha256(recipe), "recipe_overrides": list(overrides or []),
+                              "source_sha256": file_sha256(checkpoint), "recipe_path": str(recipe) if recipe else rec.source,
+                              "recipe_sha256": file_sha256(recipe) if recipe else None,
+                              "recipe_overrides": list(overrides or []),
+                              **({"budget_option": budget_text} if budget_text else {}),
+                              **({"architecture_note": loaded.note} if loaded.note else {}),
                               **result.metadata(), **_preprocessing(loaded, mean_values, std_values)})
     if as_json:
         sys.stdout.write(plan_json(layers, {"input": str(checkpoint), "output": str(output), "input_shape": shape,
@@ -119,11 +125,14 @@ def decompose(
     console.print(plan_table(layers, f"Decomposed {checkpoint} → {output} (errors: relative Frobenius norm; "
                                       f"output error on {calib['samples']:,} calibration samples: {calib['kind']})"))
     print_notes(layers)
-    console.print(totals_line(layers, params_before, count_params(result.model)))
+    console.print(escape(totals_line(layers, params_before, count_params(result.model))))
     print_budget(budget)
     if model_error is not None:
         console.print(f"model output error on the calibration batch: {model_error:.3g} (relative)")
-    console.print(f"wrote {output}")
+    console.print(escape(f"wrote {output}"), highlight=False)
+    if loaded.note:
+        err_console.print(f"[yellow]warning:[/] {escape(output.name)} does not record its base architecture: "
+                          f"{escape(loaded.note)}; later commands on it need that too", highlight=False)
 
 
 

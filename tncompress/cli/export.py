@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from tncompress.cli.common import app, console, handle_errors, input_shape_of, load_input
 from tncompress.cli.options import ArchArgOpt, ArchOpt, ImportOpt, InputShapeOpt, TrustOpt
@@ -45,7 +46,7 @@ def export(
                f"(max abs difference {result.max_abs_diff:.3g}, {result.checked_with})"
                if result.max_abs_diff is not None else "outputs not checked (onnxruntime is not installed)")
     part = f"; it returns the model's {result.output!r} output" if result.output is not None else ""
-    console.print(f"wrote {output} ({fmt}, input {shape}){part}; {checked}", highlight=False)
+    console.print(escape(f"wrote {output} ({fmt}, input {shape}){part}; {checked}"), highlight=False)
 
 
 # --- training ------------------------------------------------------------------------------------

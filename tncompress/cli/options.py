@@ -14,6 +14,11 @@ TrustOpt = typer.Option(False, "--trust-pickle", help="Allow loading a whole pic
 InputShapeOpt = typer.Option(None, "--input-shape", help="Input shape with batch dimension, e.g. 1,3,32,32 "
                              "(default: recorded in the checkpoint, or the architecture's usual input).")
 RecipeOpt = typer.Option(..., "--recipe", "-r", help="YAML recipe (see configs/ and docs/recipes.md).")
+OptionalRecipeOpt = typer.Option(None, "--recipe", "-r", help="YAML recipe (see configs/ and docs/recipes.md). "
+                                 "Optional with --budget: low-rank for Linear layers, Tucker-2 for convolutions.")
+BudgetOpt = typer.Option(None, "--budget", "-b", help="Whole-model budget: params:R or macs:R (compressed / dense, "
+                         "e.g. params:0.5); ranks are chosen per layer by measured sensitivity. Replaces the "
+                         "recipe's budget target.")
 DatasetOpt = typer.Option(..., "--dataset", "-d", help="mnist, fashion-mnist, cifar10, tiny-imagenet, synthetic, or "
                           "folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*).")
 DataDirOpt = typer.Option(None, "--data-dir", help="Dataset root (default: $TNCOMPRESS_DATA, else ~/.cache/tncompress/data).")

@@ -4,15 +4,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from tncompress.cli.common import console
 
 
 def plan_table(plan, title: str) -> Table:
+    """The plan as a rich table; ``title`` and every cell are plain text (escaped, not markup)."""
     from tncompress.report import human
 
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     table.add_column("layer", no_wrap=True)
     table.add_column("rule", overflow="fold")
     table.add_column("method / ranks", overflow="fold")
@@ -22,10 +24,10 @@ def plan_table(plan, title: str) -> Table:
     table.add_column("output err", justify="right")
     for p in plan:
         if p.action == "keep":
-            table.add_row(p.name, p.decided_by or "–", f"dense: {p.reason}", f"{p.params_before:,}",
+            table.add_row(escape(p.name), escape(p.decided_by or "–"), escape(f"dense: {p.reason}"), f"{p.params_before:,}",
                           human(p.macs_before), "–", "–", style="dim")
             continue
-        table.add_row(p.name, p.decided_by or "–", p.reason or f"{p.method} {p.ranks}",
+        table.add_row(escape(p.name), escape(p.decided_by or "–"), escape(p.reason or f"{p.method} {p.ranks}"),
                       f"{p.params_before:,} → {p.params_after:,}", f"{human(p.macs_before)} → {human(p.macs_after)}",
                       fmt(p.weight_rel_error), fmt(p.output_rel_error))
     return table
@@ -34,7 +36,7 @@ def plan_table(plan, title: str) -> Table:
 def print_notes(plan) -> None:
     for p in plan:
         for note in p.notes:
-            console.print(f"[dim]{p.name}:[/] {note}", highlight=False)
+            console.print(f"[dim]{escape(p.name)}:[/] {escape(note)}", highlight=False)
 
 
 def fmt(x: float | None) -> str:
@@ -66,7 +68,7 @@ def print_budget(summary: dict[str, Any] | None) -> None:
     if not summary:
         return
     unit = "params" if summary["metric"] == "params" else "MACs"
-    console.print(f"budget {summary['metric']}_ratio {summary['target_ratio']:g}: achieved "
+    console.print(escape(f"budget {summary['metric']}_ratio {summary['target_ratio']:g}: achieved "
                   f"{summary['achieved_ratio']:.4f} ({summary['achieved']:,} of {summary['total']:,} {unit}, whole model); "
                   f"ranks by measured sensitivity (a rank in the recipe is ignored; Δ = "
                   f"{_SENSITIVITY[summary['sensitivity']]} with only that layer replaced), then a local search from "
@@ -76,7 +78,7 @@ def print_budget(summary: dict[str, Any] | None) -> None:
                   f"{summary['greedy_combined']:.4g}, uniform fractions {summary['uniform_combined']:.4g}, uniform ranks "
                   f"{summary['uniform_ranks_combined']:.4g}; model output error {summary['model_output_error']:.3g}; "
                   f"scan {summary['scan_seconds']:.1f} s ({summary['measured']} of {summary['candidates']} candidate "
-                  f"ranks measured over {summary['layers']} layers, {summary['calibration_samples']} calibration samples)",
+                  f"ranks measured over {summary['layers']} layers, {summary['calibration_samples']} calibration samples)"),
                   highlight=False)
 
 

@@ -5,8 +5,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
-from tncompress.cli.common import app, console, err_console, handle_errors, load_input, parse_floats, torch_seed
+from tncompress.cli.common import app, console, err_console, handle_errors, input_shape_of, load_input, parse_floats, torch_seed
 from tncompress.cli.options import (
     ArchArgOpt,
     ArchOpt,
@@ -18,7 +19,6 @@ from tncompress.cli.options import (
     LimitTestOpt,
     LimitTrainOpt,
     MeanOpt,
-    RecipeOpt,
     SeedOpt,
     SetOpt,
     StdOpt,
@@ -33,8 +33,10 @@ from tncompress.errors import TncompressError
 def sweep(
     checkpoint: Path = typer.Argument(
         ..., help="The dense (trained) model: state dict (with --arch), tncompress checkpoint, or trusted pickle."),
-    recipe: Path = RecipeOpt,
-    output: Path = typer.Option(..., "--output", "-o", help="Folder for sweep.csv, sweep.json and sweep.png (resumable)."),
+    recipe: Path = typer.Option(None, "--recipe", "-r", help="YAML recipe (see configs/). Optional: without it, "
+                                "low-rank Linear layers and Tucker-2 convolutions."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for sweep.csv, sweep.json and sweep.png "
+                                "(resumable with the same settings; a changed setting is refused)."),
     ranks: str = typer.Option(None, "--ranks", help="Ranks to try, e.g. 1,2,4,8: set on every rule that decomposes with a rank."),
     budgets: str = typer.Option(
         None, "--budgets", help="Whole-model budgets to try, e.g. 0.5,0.2,0.1 (params_ratio) or macs:0.5."),
@@ -67,9 +69,9 @@ def sweep(
 ) -> None:
     """Accuracy against compression: decompose → (fine-tune) → evaluate at each rank or budget;
     writes sweep.csv (one row per point), sweep.json (plus the baseline) and sweep.png. Points
-    already in the folder's sweep.json are skipped."""
+    already in the folder's sweep.json are skipped when made with the same settings; otherwise use a
+    new folder."""
     from tncompress.finetune import DataOptions
-    from tncompress.measure import parse_shape
     from tncompress.sweep import SweepOptions, parse_points, run_sweep
 
     if calibration not in ("data", "noise"):
@@ -89,9 +91,9 @@ def sweep(
             console.print(f"baseline: top-1 {payload['top1']:.2f}% on {payload['images']:,} test images, "
                           f"{payload['params']:,} params, {payload['macs']:,} MACs", highlight=False)
         elif event == "skip":
-            console.print(f"{payload['point']}: already in {output / 'sweep.json'}, skipped", highlight=False)
+            console.print(escape(f"{payload['point']}: already in {output / 'sweep.json'}, skipped"), highlight=False)
         elif event == "start":
-            err_console.print(f"[dim]{payload['point']}: decomposing…[/]", highlight=False)
+            err_console.print(f"[dim]{escape(payload['point'])}: decomposing…[/]", highlight=False)
         elif event == "done":
             console.print(f"{payload['point']}: top-1 {payload['top1']:.2f}%, params {payload['params']:,} "
                           f"({1 / payload['params_ratio']:.3g}× smaller), MACs {payload['macs']:,} "
@@ -99,6 +101,6 @@ def sweep(
 
     torch_seed(seed)
     results = run_sweep(loaded, recipe, points, output, options, overrides=overrides or [],
-                        input_shape=parse_shape(input_shape) if input_shape else None, note=note, on_event=on_event)
-    console.print(f"{len(results['points'])} points in {output / 'sweep.csv'}, {output / 'sweep.json'}; "
-                  f"plot {output / 'sweep.png'}", highlight=False)
+                        input_shape=input_shape_of(loaded, input_shape, dataset), note=note, on_event=on_event)
+    console.print(escape(f"{len(results['points'])} points in {output / 'sweep.csv'}, {output / 'sweep.json'}; "
+                         f"plot {output / 'sweep.png'}"), highlight=False)

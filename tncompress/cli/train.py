@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tncompress.cli.common import (
@@ -69,8 +70,8 @@ def _run_training(loaded, output: Path, data, config, teacher, resume: bool, ext
 
     def on_event(event: str, payload: dict[str, Any]) -> None:
         if event == "data":
-            console.print(payload["train"], highlight=False)
-            console.print(payload["test"], highlight=False)
+            console.print(escape(str(payload["train"])), highlight=False)
+            console.print(escape(str(payload["test"])), highlight=False)
             if payload.get("ranks", 1) > 1:
                 console.print(f"{payload['ranks']} processes, each with batches of {config.batch_size} "
                               f"(global batch {payload['ranks'] * config.batch_size})", highlight=False)
@@ -102,9 +103,9 @@ def _run_training(loaded, output: Path, data, config, teacher, resume: bool, ext
             progress.stop()
     if not main:
         return
-    console.print(f"done: best test top-1 {result.best_top1:.2f}% (epoch {result.best_epoch}), final "
-                  f"{result.history[-1]['test_top1']:.2f}% on {data.name}; {result.device}, amp {result.amp}; "
-                  f"wrote {output}", highlight=False)
+    console.print(escape(f"done: best test top-1 {result.best_top1:.2f}% (epoch {result.best_epoch}), final "
+                         f"{result.history[-1]['test_top1']:.2f}% on {data.name}; {result.device}, amp {result.amp}; "
+                         f"wrote {output}"), highlight=False)
 
 
 @app.command()

@@ -237,6 +237,8 @@ class Method:
     supports_budget: ClassVar[bool] = False        # implements structure / ladder / approximations
     costly_ladder_macs: ClassVar[bool] = False     # MACs per rung need a layer object each (a budget on
                                                    # params then skips them)
+    dense_compute: ClassVar[bool] = False          # runs the dense op on an assembled weight: fewer trained
+                                                   # parameters, never fewer MACs (judged by parameters only)
 
     # -- layers it builds
 

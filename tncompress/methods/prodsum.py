@@ -32,6 +32,7 @@ class ProdSumSettings(Settings):
 
 
 class ProdSumMethod(Method):
+    dense_compute = True  # the conv / matmul runs on the assembled dense weight
     name = "prodsum"
     order = 50
     types = ("Linear", "Conv2d")
