@@ -27,6 +27,8 @@ PARTS = {
               "--out", "docs/mnist-tt"],
     # needs MNIST under $TNCOMPRESS_DATA; about 3 minutes
     "aware": [sys.executable, str(HERE / "mnist_data_aware.py"), "--out", "docs/mnist-data-aware"],
+    # needs MNIST under $TNCOMPRESS_DATA; uniform fractions against budgets on the tutorial CNN; about 3 minutes
+    "cnn-budget": [sys.executable, str(HERE / "mnist_cnn_budget.py"), "--out", "docs/mnist-cnn-budget"],
     # needs ../shared (the published ResNets and the CIFAR-10 JPEG copy); about 25 (ResNet-20) + 40 (ResNet-32) minutes
     "real": [sys.executable, str(HERE / "real_models.py"), "--out", "docs/real-models", "--finetune-epochs", "1",
              "--finetune-images", "10000"],
@@ -39,8 +41,8 @@ PARTS = {
 # Part → the Markdown file it writes (embedded in benchmarks.md in this order).
 SECTIONS = [("layers", "layer-speed-cpu.md"), ("layers", "layer-speed-cuda.md"), ("convs", "conv-speed-cpu.md"),
             ("convs", "conv-speed-cuda.md"), ("recipes", "results.md"), ("decompose", "decompose-time.md"),
-            ("mnist", "mnist-tt.md"), ("aware", "mnist-data-aware.md"), ("real", "real-models.md"),
-            ("train", "train-speed.md"), ("zoo", "zoo.md")]
+            ("mnist", "mnist-tt.md"), ("aware", "mnist-data-aware.md"), ("cnn-budget", "mnist-cnn-budget.md"),
+            ("real", "real-models.md"), ("train", "train-speed.md"), ("zoo", "zoo.md")]
 
 
 # Latency parts run with OpenMP's default wait policy, as a deployed model does; the Makefile's

@@ -350,20 +350,21 @@ EXACT_CASES = [
 
 
 def full_rank_recipe(model: nn.Module, shape: list[int], linear: str | None, conv: str | None) -> dict[str, Any]:
-    """A recipe that factorizes every Linear / Conv2d at full rank. Tucker-2 and TT clip an integer
+    """A recipe that factorizes every Linear / Conv2d at full rank (``allow_growth``: full rank is larger
+    than dense by construction, which the planner otherwise refuses). Tucker-2 and TT clip an integer
     rank to the full rank of each mode or bond, so one large rank does; low-rank refuses a rank above
     min(in, out), so each Linear gets a ``name`` rule with its own min(in, out) (names from a probe plan,
     which already holds the attention projections of an unpacked nn.MultiheadAttention)."""
     data: dict[str, Any] = {"version": 1, "defaults": {}}
     if conv:
-        data["defaults"]["Conv2d"] = {"method": conv, "rank": BIG_RANK}
+        data["defaults"]["Conv2d"] = {"method": conv, "rank": BIG_RANK, "allow_growth": True}
     if linear == "tt":
-        data["defaults"]["Linear"] = {"method": "tt", "rank": BIG_RANK}
+        data["defaults"]["Linear"] = {"method": "tt", "rank": BIG_RANK, "allow_growth": True}
     elif linear == "lowrank":
         probe = make_plan(model, parse_recipe({"version": 1, "defaults": {"Linear": {"method": "lowrank", "rank": 1}}},
                                               "probe"), shape)
         data["layers"] = [{"name": p.name, "method": "lowrank",
-                           "rank": min(p.config["in_features"], p.config["out_features"])}
+                           "rank": min(p.config["in_features"], p.config["out_features"]), "allow_growth": True}
                           for p in probe if p.type == "Linear" and p.action == "decompose"]
     return data
 

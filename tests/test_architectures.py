@@ -150,7 +150,7 @@ def test_hugging_face_conv1d_is_a_linear():
     torch.manual_seed(0)
     model = nn.Sequential(Conv1D(12, 10), nn.Tanh(), Conv1D(6, 12)).eval()
     x = torch.randn(3, 4, 10)
-    full = recipe({"Linear": {"method": "lowrank", "rank": {"energy": 1.0}}})
+    full = recipe({"Linear": {"method": "lowrank", "rank": {"energy": 1.0}, "allow_growth": True}})
     result = decompose(model, full, input_shape=[1, 4, 10])
     assert [p.type for p in result.plan] == ["Linear", "Linear"] and all(p.action == "decompose" for p in result.plan)
     assert result.plan[0].macs_before == 4 * 10 * 12
@@ -181,7 +181,7 @@ def test_embeddings_decompose_exactly_at_full_rank(method):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(60, 12), nn.Linear(12, 3)).eval()
     rank = {"energy": 1.0} if method == "tt" else 12
-    rec = recipe({"Embedding": {"method": method, "rank": rank}})
+    rec = recipe({"Embedding": {"method": method, "rank": rank, "allow_growth": True}})
     result = decompose(model, rec, input_shape=[1, 7])
     layer = result.model[0]
     assert isinstance(layer, TTEmbedding if method == "tt" else LowRankEmbedding)
@@ -203,7 +203,7 @@ def test_degenerate_sizes_get_padded_balanced_modes():
 def test_tt_of_a_padded_linear_is_exact_at_full_rank():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 58)).eval()  # 58 = 2 · 29
-    rec = recipe({"Linear": {"method": "tt", "rank": {"energy": 1.0}, "out_modes": [4, 4, 4]}})
+    rec = recipe({"Linear": {"method": "tt", "rank": {"energy": 1.0}, "out_modes": [4, 4, 4], "allow_growth": True}})
     result = decompose(model, rec, input_shape=[1, 16])
     assert any("padded" in n for n in result.plan[0].notes)
     x = torch.randn(5, 16)
@@ -279,8 +279,8 @@ def test_tiny_gpt2_from_its_config():
     tf = _hf()
     torch.manual_seed(0)
     model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=101, n_embd=16, n_layer=1, n_head=2, n_positions=32)).eval()
-    rec = recipe({"Linear": {"method": "lowrank", "rank": {"energy": 1.0}},
-                  "Embedding": {"method": "tt", "rank": {"energy": 1.0}}})
+    rec = recipe({"Linear": {"method": "lowrank", "rank": {"energy": 1.0}, "allow_growth": True},
+                  "Embedding": {"method": "tt", "rank": {"energy": 1.0}, "allow_growth": True}})
     result = decompose(model, rec, input_shape=[1, 8])
     by_name = {p.name: p for p in result.plan}
     assert by_name["transformer.h.0.attn.c_attn"].action == "decompose"  # a Conv1D, as a Linear
@@ -298,8 +298,8 @@ def test_tiny_bert_from_its_config():
     config = tf.BertConfig(vocab_size=97, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                            intermediate_size=32, max_position_embeddings=32)
     model = tf.BertModel(config).eval()
-    rec = recipe({"Linear": {"method": "tt", "rank": {"energy": 1.0}}, "Embedding": {"method": "lowrank", "rank": 2}},
-                 exclude=["*token_type_embeddings"])
+    rec = recipe({"Linear": {"method": "tt", "rank": {"energy": 1.0}, "allow_growth": True},
+                  "Embedding": {"method": "lowrank", "rank": 2}}, exclude=["*token_type_embeddings"])
     result = decompose(model, rec, input_shape=[1, 8])
     assert result.calibration["kind"] == "random token ids below 97"
     assert sum(p.action == "decompose" for p in result.plan) >= 8

@@ -385,7 +385,7 @@ def _(c: Ctx):
 @case("input-shape-the-model-cannot-run")
 def _(c: Ctx):
     return (["plan", str(c.base), *L5, "-r", str(c.ok_recipe), "--input-shape", "1,3,64,64"],
-            ["does not run on an input of shape [1, 3, 64, 64]"])
+            ["does not run on input shape 1,3,64,64"])
 
 
 # --- outputs -------------------------------------------------------------------------------------

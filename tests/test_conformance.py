@@ -528,7 +528,7 @@ def test_report(cli, prepared):
     if prepared.dataset:
         assert base["accuracy"]["images"] == 16
     if case.id == "channels-last-forward":
-        lat = cli("report", prepared.source, outs[0], *case.arch_flags, *case.shape_flags, "--latency",
+        lat = cli("report", prepared.source, outs[0], *case.arch_flags, *case.shape_flags, "--latency", "--latency-time", "3",
                   "--channels-last", "--latency-batch", "2", "--json").check()
         for entry in json.loads(lat.stdout)["models"]:
             assert entry["latency"]["layout"] == "channels_last" and entry["latency"]["median_ms"] > 0

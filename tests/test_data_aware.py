@@ -200,7 +200,7 @@ def test_data_aware_tt_has_lower_output_error_on_kronecker_correlated_inputs():
     torch.manual_seed(0)
     model = MLP().eval()
     x = _kronecker_correlated(512, [4, 6])
-    rule = {"name": "0", "method": "tt", "in_modes": [4, 6], "out_modes": [4, 8], "rank": 3}
+    rule = {"name": "0", "method": "tt", "in_modes": [4, 6], "out_modes": [4, 8], "rank": 3, "allow_growth": True}
     plans = {}
     for aware in (False, True):
         recipe = parse_recipe({"version": 1, "layers": [{**rule, **({"data_aware": True} if aware else {})}],

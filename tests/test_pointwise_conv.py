@@ -195,7 +195,7 @@ def test_every_tucker2_rank_form_maps_to_an_svd_rank():
     assert plan(conv, "vbmf", floor=100).ranks == 100
     assert plan(conv, "vbmf", weakening=0.5).ranks == math.ceil(vbmf + 0.5 * (160 - vbmf))
     assert plan(conv, 30).ranks == 30
-    clipped = plan(conv, 500)
+    clipped = plan(conv, 500, allow_growth=True)
     assert clipped.ranks == 160 and any("clipped" in n for n in clipped.notes)
     assert any("does not compress" in n for n in clipped.notes)
     for pair in ([12, 77], {"in": 12, "out": 77}):
@@ -320,7 +320,9 @@ def test_other_tucker2_rank_forms_on_kxk_convs_are_unchanged():
     assert plan(conv, [5, 7], shape=(1, 16, 8, 8)).ranks == [5, 7]
     assert plan(conv, {"in": 5, "out": 7}, shape=(1, 16, 8, 8)).ranks == [5, 7]  # was refused as a mapping
     assert plan(conv, 6, shape=(1, 16, 8, 8)).ranks == [6, 6]
-    assert plan(conv, 100, shape=(1, 16, 8, 8)).ranks == [16, 24]
+    assert plan(conv, 100, shape=(1, 16, 8, 8), allow_growth=True).ranks == [16, 24]
+    grown = plan(conv, 100, shape=(1, 16, 8, 8))  # more parameters than dense: kept, and the plan says why
+    assert grown.action == "keep" and "allow_growth" in grown.reason and "params against" in grown.reason
 
 
 # --- the budget hooks on a 1×1 conv ------------------------------------------------------------------

@@ -3,10 +3,12 @@
 The Python API mirrors the command line::
 
     import tncompress
-    recipe = tncompress.load_recipe("configs/resnet18-cp.yaml")
-    result = tncompress.decompose(model, recipe, input_shape=[1, 3, 32, 32])
-    tncompress.save(result, "r18-cp.pt", spec=tncompress.ModelSpec("torchvision:resnet18", {"num_classes": 10}))
-    model = tncompress.load("r18-cp.pt")
+    spec = tncompress.ModelSpec("torchvision:resnet18", {"num_classes": 10}, input_shape=[1, 3, 32, 32])
+    model = tncompress.build_model(spec)           # or your trained model
+    recipe = tncompress.build_recipe(budget="params:0.5")   # or tncompress.load_recipe("configs/….yaml")
+    result = tncompress.decompose(model, recipe, input_shape=spec.input_shape)
+    tncompress.save(result, "r18-half.pt", spec=spec)
+    model = tncompress.load("r18-half.pt")
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ _EXPORTS = {
     "load_model": "tncompress.checkpoint",
     "load_recipe": "tncompress.recipe",
     "parse_recipe": "tncompress.recipe",
+    "build_recipe": "tncompress.recipe",
     "make_plan": "tncompress.compress",
     "ModelSpec": "tncompress.models",
     "build_model": "tncompress.models",

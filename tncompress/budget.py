@@ -55,6 +55,7 @@ BUDGET_METHODS = tuple(name for name, m in all_methods().items() if m.supports_b
 TOLERANCE = 0.02          # |achieved / target − 1| allowed
 DEFAULT_CANDIDATES = 12
 DEFAULT_CP_ITERATIONS = 15
+DEFAULT_SCAN_SAMPLES = 128        # the per-layer scan's share of the calibration batch (the selection uses all)
 DEFAULT_REFINE_EVALUATIONS = 120   # whole-model evaluations the local search may spend
 REFINE_STEPS = (0.2, 0.08, 0.03, 0.01)  # move sizes, as fractions of the decided layers' total cost
 REFINE_LAYERS = 4                 # with many layers, moves only between the proxy's best few
@@ -75,12 +76,14 @@ class Budget:
     candidates: int = DEFAULT_CANDIDATES
     cp_iterations: int = DEFAULT_CP_ITERATIONS
     refine: int = DEFAULT_REFINE_EVALUATIONS   # whole-model evaluations for the local search (0: none)
+    scan_samples: int = DEFAULT_SCAN_SAMPLES   # calibration samples of the per-layer scan (the first ones)
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> Budget:
         metric = "params" if "params_ratio" in data else "macs"
         return cls(metric, float(data[f"{metric}_ratio"]), str(data.get("sensitivity", "model")),
-                   int(data.get("candidates", DEFAULT_CANDIDATES)), int(data.get("cp_iterations", DEFAULT_CP_ITERATIONS)))
+                   int(data.get("candidates", DEFAULT_CANDIDATES)), int(data.get("cp_iterations", DEFAULT_CP_ITERATIONS)),
+                   scan_samples=int(data.get("scan_samples", DEFAULT_SCAN_SAMPLES)))
 
     @property
     def label(self) -> str:
@@ -502,10 +505,11 @@ class BudgetScan:
     todo: list[int]                   # indices into ``plans`` of the layers the budget decides
     ladders: list[Ladder]
     totals: dict[str, int]            # whole model: {"params": …, "macs": …}
-    probe: _Probe
+    probe: _Probe                     # the whole calibration batch: selection and local search
     budget: Budget
     source: str = "<recipe>"
     has_macs: bool = True
+    scan_probe: _Probe | None = None  # the per-layer scan's samples (None: the same as ``probe``)
 
     def fixed(self, metric: str) -> int:
         """Cost of everything the budget does not decide (other layers, norms, biases elsewhere…)."""
@@ -606,13 +610,17 @@ def scan_model(model: nn.Module, plans: Sequence[LayerPlan], budget: Budget, inp
     was_training = model.training
     model.eval()
     try:
-        probe = _Probe(model, calibration_input, {lad.plan.name: lad.module for lad in ladders})
+        modules = {lad.plan.name: lad.module for lad in ladders}
+        probe = _Probe(model, calibration_input, modules)
+        # the per-layer scan runs hundreds of forwards: on the first scan_samples samples only
+        few = calibration_input[: budget.scan_samples]
+        scan_probe = probe if few.shape[0] == calibration_input.shape[0] else _Probe(model, few, modules)
         for lad in ladders:
-            scan(lad, probe, budget)
+            scan(lad, scan_probe, budget)
     finally:
         model.train(was_training)
     return BudgetScan(model, list(plans), todo, ladders, _whole_model_totals(model, input_shape), probe, budget,
-                      source, has_macs)
+                      source, has_macs, scan_probe=scan_probe)
 
 
 def allocate(scanned: BudgetScan, budget: Budget) -> Allocation:
@@ -816,7 +824,7 @@ def finish(scanned: BudgetScan, allocation: Allocation) -> Plan:
             continue
         w = weights[lad.plan.name][1]
         if not lad.measured[rung]:
-            lad.sens[rung] = probe.measure(budget, lad.plan.name, lad.module, w)
+            lad.sens[rung] = (scanned.scan_probe or probe).measure(budget, lad.plan.name, lad.module, w)
             lad.measured[rung] = True
     combined = math.sqrt(probe.model_error(weights)) if weights else 0.0
     _, disagreement, kl_final = scanned.selection(allocation.choice)
@@ -858,7 +866,8 @@ def finish(scanned: BudgetScan, allocation: Allocation) -> Plan:
                "candidates": int(sum(lad.dense for lad in scanned.ladders)),
                "measured": int(sum(int(lad.measured[: lad.dense].sum()) for lad in scanned.ladders)),
                "scan_seconds": round(sum(lad.seconds for lad in scanned.ladders), 3),
-               "calibration_samples": int(probe.batch.shape[0])}
+               "calibration_samples": int(probe.batch.shape[0]),
+               "scan_samples": int((scanned.scan_probe or probe).batch.shape[0])}
     log.info("budget %s: achieved %.4f (%d of %d), Σ sensitivity %.4g (uniform fractions %.4g), scan %.1fs",
              budget.label, summary["achieved_ratio"], achieved, total, allocation.objective,
              allocation.uniform_objective, summary["scan_seconds"])
@@ -875,28 +884,50 @@ def apply_budget(model: nn.Module, plans: Sequence[LayerPlan], recipe: Recipe, i
         calibration_input = example_batch(model, input_shape, calib["batch_size"], calib["seed"])
     scanned = scan_model(model, plans, budget, input_shape, calibration_input, recipe.source)
     allocation = allocate(scanned, budget)
-    for _ in range(len(scanned.ladders)):  # a layer is never made slower: drop its ranks, allocate again
+    for _ in range(8):  # a layer is never made slower: drop the ranks that would, allocate again
         slower = slower_layers(scanned, allocation.choice)
         if not slower:
             break
         for k, why in slower.items():
-            scanned.ladders[k] = trim_ladder(scanned.ladders[k], allocation.choice[k], why)
+            first = first_slower_rung(scanned, k, allocation.choice[k])
+            scanned.ladders[k] = trim_ladder(scanned.ladders[k], first, why)
         scanned.reset_scores()
         allocation = allocate(scanned, budget)
     return finish(scanned, allocation)
 
 
+def _slower(scanned: BudgetScan, k: int, rung: int) -> str | None:
+    """Why rung ``rung`` of ladder ``k`` would make the layer larger or slower than dense, or None
+    (its MACs counted exactly, by planning the layer at that rank)."""
+    lad = scanned.ladders[k]
+    if rung == lad.dense or lad.plan.settings.get("allow_growth", False):
+        return None
+    plan = _replan(lad, rung, scanned.probe.shapes[lad.plan.name], scanned.source)
+    return plan.reason if plan.action == "keep" and plan.reason.startswith("kept dense:") else None
+
+
 def slower_layers(scanned: BudgetScan, choice: Sequence[int]) -> dict[int, str]:
-    """The ladders whose chosen rank would make the layer larger or slower than dense (its MACs
-    are counted exactly here; a params budget does not count them per rung), with the reason."""
+    """The ladders whose chosen rank would make the layer larger or slower than dense (a params
+    budget does not count MACs per rung), with the reason."""
     out: dict[int, str] = {}
-    for k, (lad, rung) in enumerate(zip(scanned.ladders, choice)):
-        if rung == lad.dense or lad.plan.settings.get("allow_growth", False):
-            continue
-        plan = _replan(lad, rung, scanned.probe.shapes[lad.plan.name], scanned.source)
-        if plan.action == "keep" and plan.reason.startswith("kept dense:"):
-            out[k] = plan.reason
+    for k, rung in enumerate(choice):
+        why = _slower(scanned, k, rung)
+        if why:
+            out[k] = why
     return out
+
+
+def first_slower_rung(scanned: BudgetScan, k: int, slower: int) -> int:
+    """The smallest rung of ladder ``k`` that is slower than dense, by bisection below the known
+    slower rung ``slower`` (MACs grow with the rank)."""
+    lo, hi = -1, slower  # rung lo is fine (or none), rung hi is slower
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _slower(scanned, k, mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def trim_ladder(ladder: Ladder, rung: int, why: str) -> Ladder:

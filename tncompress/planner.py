@@ -331,7 +331,7 @@ def plan_layer(choice: LayerChoice, module: nn.Module,
 def growth_reason(plan: LayerPlan, dense_compute: bool = False) -> str | None:
     """Why the planned factorization is no gain: more parameters than the dense layer, or (unless the
     method always runs the dense op, or the dense layer is a lookup without MACs) more MACs."""
-    if plan.params_after >= plan.params_before:
+    if plan.params_after > plan.params_before:
         return f"would have {plan.params_after:,} params against {plan.params_before:,} dense"
     if not dense_compute and plan.macs_before and plan.macs_after > plan.macs_before:
         return (f"would raise the layer's MACs {plan.macs_after / plan.macs_before:.2f}× "

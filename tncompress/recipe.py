@@ -30,7 +30,7 @@ SELECTORS = ("name", "pattern", "regex", "type")
 COMMON_SETTING_KEYS = frozenset({"max_output_error", "data_aware", "allow_growth"})
 BOOLEAN_KEYS = frozenset({"data_aware", "allow_growth"})
 TOP_KEYS = frozenset({"version", "defaults", "layers", "exclude", "calibration", "budget"})
-BUDGET_KEYS = frozenset({"params_ratio", "macs_ratio", "sensitivity", "candidates", "cp_iterations"})
+BUDGET_KEYS = frozenset({"params_ratio", "macs_ratio", "sensitivity", "candidates", "cp_iterations", "scan_samples"})
 CALIBRATION_KEYS = frozenset({"batch_size", "seed", "max_output_error", "max_model_error", "reestimate_bn"})
 ERROR_BOUND_KEYS = frozenset({"max_output_error", "max_model_error"})
 TIER_RANK = {"defaults": 0, "type": 1, "pattern": 2, "regex": 2, "name": 3}
@@ -256,7 +256,8 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
 
 def _check_budget(source: str, budget: Any) -> dict[str, Any]:
     """``budget: {params_ratio: r}`` or ``{macs_ratio: r}`` with r in (0, 1], plus optional
-    ``sensitivity`` (model / layer), ``candidates`` (ranks measured per layer), ``cp_iterations``."""
+    ``sensitivity`` (model / layer), ``candidates`` (ranks measured per layer), ``cp_iterations``,
+    ``scan_samples`` (calibration samples the per-layer scan runs on)."""
     where = _where(source, "budget")
     if not isinstance(budget, dict):
         raise RecipeError(f"{where}: expected a mapping such as {{params_ratio: 0.1}} or {{macs_ratio: 0.5}}")
@@ -274,7 +275,7 @@ def _check_budget(source: str, budget: Any) -> dict[str, Any]:
         raise RecipeError(f"{where}.{targets[0]}: expected a number in (0, 1] (compressed / original), got {ratio!r}")
     if budget.get("sensitivity", "model") not in ("model", "kl", "layer"):
         raise RecipeError(f"{where}.sensitivity: expected 'model', 'kl' or 'layer', got {budget['sensitivity']!r}")
-    for k, low in (("candidates", 2), ("cp_iterations", 1)):
+    for k, low in (("candidates", 2), ("cp_iterations", 1), ("scan_samples", 1)):
         v = budget.get(k, low)
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise RecipeError(f"{where}.{k}: expected an integer ≥ {low}, got {v!r}")
@@ -352,7 +353,7 @@ def default_recipe(overrides: Sequence[str] = ()) -> Recipe:
     return parse_recipe(apply_overrides(data, overrides) if overrides else data, source=DEFAULT_SOURCE)
 
 
-def build_recipe(path: str | Path | None, overrides: Sequence[str] = (), budget: str | None = None) -> Recipe:
+def build_recipe(path: str | Path | None = None, overrides: Sequence[str] = (), budget: str | None = None) -> Recipe:
     """The recipe of a command: the file (with ``--set`` overrides), its budget target replaced by
     ``--budget`` when given; without a file, :data:`DEFAULT_METHODS` under that budget."""
     if path is None:

@@ -78,7 +78,8 @@ def print_budget(summary: dict[str, Any] | None) -> None:
                   f"{summary['greedy_combined']:.4g}, uniform fractions {summary['uniform_combined']:.4g}, uniform ranks "
                   f"{summary['uniform_ranks_combined']:.4g}; model output error {summary['model_output_error']:.3g}; "
                   f"scan {summary['scan_seconds']:.1f} s ({summary['measured']} of {summary['candidates']} candidate "
-                  f"ranks measured over {summary['layers']} layers, {summary['calibration_samples']} calibration samples)"),
+                  f"ranks measured over {summary['layers']} layers, {summary['calibration_samples']} calibration samples"
+                  f"{_scan_note(summary)})"),
                   highlight=False)
 
 
@@ -86,3 +87,7 @@ def plan_json(plan, extra: dict[str, Any]) -> str:
     return json.dumps({**extra, "layers": [p.to_dict() for p in plan]}, indent=2, default=str)
 
 
+def _scan_note(summary: dict) -> str:
+    """', the scan on the first N' when the per-layer scan used fewer samples than the selection."""
+    scanned = summary.get("scan_samples")
+    return f", the per-layer scan on the first {scanned}" if scanned and scanned != summary["calibration_samples"] else ""

@@ -31,6 +31,8 @@ def report(
                                  "interleaved rounds (torch.utils.benchmark), median and IQR; a speed-up is shown "
                                  "only when significant, 'noisy machine' when the spread is too wide."),
     latency_batch: int = typer.Option(1, "--latency-batch", min=1, help="Batch size for --latency."),
+    latency_time: float = typer.Option(None, "--latency-time", min=0.5, help="Seconds the interleaved timing may "
+                                       "take in all (default: 10 per model); it stops earlier once stable."),
     channels_last: bool = typer.Option(False, "--channels-last",
                                        help="Measure latency with model and input in channels-last (NHWC) layout, "
                                             "usually faster for factorized convolutions on CPU."),
@@ -89,7 +91,7 @@ def report(
         data = DataOptions(dataset, data_dir, mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"),
                            limit_test=limit_test)
     rep = build_report(loaded, ReportOptions(shape, latency, latency_batch, device, data, batch_size,
-                                             channels_last=channels_last))
+                                             channels_last=channels_last, latency_seconds=latency_time))
     gate_results = evaluate_gates(parsed_gates, rep)
     if parsed_gates:
         rep["gates"] = [g.to_dict() for g in gate_results]
