@@ -40,6 +40,23 @@ def cli():
     return run
 
 
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No downloads, and a data root with nothing in it: tests write the files they read."""
+    monkeypatch.setenv("TNCOMPRESS_NO_DOWNLOAD", "1")
+    monkeypatch.setenv("TNCOMPRESS_DATA", str(tmp_path / "no-data-here"))
+
+
+def saved_state_dict(tmp_path: Path, arch: str, name: str) -> Path:
+    """A freshly built (seeded) reference model's state dict, saved as a user's file."""
+    from tncompress.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    path = tmp_path / name
+    torch.save(build_model(ModelSpec(arch)).state_dict(), path)
+    return path
+
+
 def assert_user_error(result: CliResult, *needles: str) -> None:
     """A user mistake: exit 2, one `error:` line that mentions each needle, no traceback."""
     assert result.exit_code == 2, result.output

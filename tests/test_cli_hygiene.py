@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_user_error
+from conftest import assert_user_error, saved_state_dict
 from PIL import Image
 
 import tncompress.recipe
@@ -27,18 +27,12 @@ RECIPE = "version: 1\nlayers:\n  - {name: classifier.1, method: lowrank, rank: 4
 PUBLISHED = Path(__file__).resolve().parents[2] / "shared" / "models" / "resnet-cifar" / "resnet20-12fca82f.th"
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("TNCOMPRESS_NO_DOWNLOAD", "1")
-    monkeypatch.setenv("TNCOMPRESS_DATA", str(tmp_path / "no-data-here"))
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @pytest.fixture
 def lenet(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "l5.pt"
-    torch.save(build_model(ModelSpec("lenet5")).state_dict(), path)
-    return path
+    return saved_state_dict(tmp_path, "lenet5", "l5.pt")
 
 
 # --- 1. square brackets survive ----------------------------------------------------------------

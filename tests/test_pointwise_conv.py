@@ -356,8 +356,8 @@ def test_budget_ladder_of_a_1x1_conv_is_the_svd_ladder():
         torch.testing.assert_close(at(r), w)
 
 
-def test_budget_end_to_end_with_1x1_convs():
-    """The 1×1 convs are exactly rank 4: the budget takes them as truncated SVDs of about that rank."""
+def exact_pointwise_model() -> nn.Module:
+    """A small CNN (6×6 input) whose two 1×1 convs (layers 2 and 6) are exactly rank 4."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 96, 1), nn.ReLU(),
                           nn.Conv2d(96, 96, 3, padding=1), nn.ReLU(), nn.Conv2d(96, 64, 1), nn.Flatten(),
@@ -366,6 +366,12 @@ def test_budget_end_to_end_with_1x1_convs():
         for i in (2, 6):
             conv = model[i]
             conv.weight.copy_(low_rank_plus_noise(conv.out_channels, conv.in_channels, 4, 0.0, seed=i))
+    return model.eval()
+
+
+def test_budget_end_to_end_with_1x1_convs():
+    """The 1×1 convs are exactly rank 4: the budget takes them as truncated SVDs of about that rank."""
+    model = exact_pointwise_model()
     recipe = parse_recipe({"version": 1, "defaults": {"Conv2d": {"method": "tucker2", "n_iter": 2}},
                            "exclude": ["0"], "budget": {"params_ratio": 0.6, "candidates": 8, "sensitivity": "layer"}},
                           source="test.yaml")

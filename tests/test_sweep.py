@@ -5,12 +5,10 @@ import csv
 import json
 
 import pytest
-import torch
-from conftest import assert_user_error
+from conftest import assert_user_error, saved_state_dict
 from PIL import Image
 
 from tncompress.errors import TncompressError
-from tncompress.models import ModelSpec, build_model
 from tncompress.recipe import parse_recipe
 from tncompress.sweep import SweepPoint, parse_points, point_recipe
 
@@ -20,18 +18,12 @@ RECIPE = ("version: 1\ncalibration: {batch_size: 16}\nbudget: {params_ratio: 0.5
           "  - {name: fc2, method: lowrank, rank: 8}\n  - {name: fc3, method: none}\n")
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("TNCOMPRESS_NO_DOWNLOAD", "1")
-    monkeypatch.setenv("TNCOMPRESS_DATA", str(tmp_path / "no-data-here"))
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @pytest.fixture
 def dense(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "mlp.pt"
-    torch.save(build_model(ModelSpec("mlp-1024")).state_dict(), path)
-    return path
+    return saved_state_dict(tmp_path, "mlp-1024", "mlp.pt")
 
 
 def rows(folder):
