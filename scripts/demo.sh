@@ -3,8 +3,7 @@
 #   1. train the TT paper's MNIST MLP (a baseline)     4. report size / MACs / accuracy of all three
 #   2. decompose its first layer into a TT-matrix      5. ResNet-18: a parameter budget and the CP recipe
 #   3. fine-tune it with distillation from the baseline  6. a real published ResNet-20 on real CIFAR-10 images:
-#                                                          data-aware Tucker-2 under a MAC budget, short
-#                                                          fine-tune, real accuracy
+#                                                          data-aware Tucker-2, short fine-tune, real accuracy
 # Real MNIST is used when $TNCOMPRESS_DATA (or ../shared/data) has it or a download works; otherwise
 # a clearly labelled synthetic set, whose accuracy means nothing about real data. Outputs: demo-out/.
 set -euo pipefail
@@ -43,10 +42,10 @@ echo "== 4. Report: params, bytes, MACs, accuracy"
 echo "== 5. ResNet-18 (10 classes, random weights: no download): a budget at half the parameters, and the CP recipe"
 "$PY" -c "import torch, torchvision; torch.manual_seed(0); torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), '$OUT/r18.pt')"
 ARCH=(--arch torchvision:resnet18 --arch-arg num_classes=10 --input-shape 1,3,32,32)
-"$TNC" decompose "$OUT/r18.pt" "${ARCH[@]}" --budget params:0.5 -o "$OUT/r18-tucker.pt"
+"$TNC" decompose "$OUT/r18.pt" "${ARCH[@]}" --budget params:0.5 -o "$OUT/r18-budget.pt"
 "$TNC" decompose "$OUT/r18.pt" "${ARCH[@]}" --recipe configs/resnet18-cp.yaml -o "$OUT/r18-cp.pt"
-"$TNC" report "$OUT/r18.pt" "$OUT/r18-tucker.pt" "$OUT/r18-cp.pt" --input-shape 1,3,32,32 --latency --channels-last
-"$TNC" report "$OUT/r18.pt" "$OUT/r18-tucker.pt" "$OUT/r18-cp.pt" --input-shape 1,3,32,32 --markdown -o "$OUT/report-r18.md" > /dev/null
+"$TNC" report "$OUT/r18.pt" "$OUT/r18-budget.pt" "$OUT/r18-cp.pt" --input-shape 1,3,32,32 --latency --channels-last
+"$TNC" report "$OUT/r18.pt" "$OUT/r18-budget.pt" "$OUT/r18-cp.pt" --input-shape 1,3,32,32 --markdown -o "$OUT/report-r18.md" > /dev/null
 
 SHARED="${TNCOMPRESS_SHARED:-$(cd .. && pwd)/shared}"
 R20="$SHARED/models/resnet-cifar/resnet20-12fca82f.th"
