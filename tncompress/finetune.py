@@ -128,6 +128,7 @@ def test_loader(loaded: LoadedModel, options: DataOptions, batch_size: int, devi
     channels, size = input_geometry(loaded, options)
     test_set = load_dataset(options.name, "test", data_dir=options.data_dir, image_size=size, channels=channels,
                             download=options.download, limit=options.limit_test, **normalization(loaded, options))
+    test_set.normalization = normalization_source(loaded, options, test_set)["source"]  # flag, checkpoint or dataset
     return make_loader(test_set, batch_size, shuffle=False, num_workers=options.num_workers, device=device)
 
 
@@ -218,6 +219,8 @@ def _train_and_save(loaded: LoadedModel, output: Path, data: DataOptions, config
                              augment=data.augment, download=data.download, limit=data.limit_train, **norm)
     test_set = load_dataset(data.name, "test", data_dir=data.data_dir, image_size=size, channels=channels,
                             download=data.download, limit=data.limit_test, **norm)
+    for split in (train_set, test_set):  # say where mean/std came from: the flag, the checkpoint or the dataset
+        split.normalization = normalization_source(loaded, data, split)["source"]
     if on_event:
         on_event("data", {"train": train_set.describe(), "test": test_set.describe(), "ranks": ranks.world_size})
     example = train_set[0][0].unsqueeze(0)
