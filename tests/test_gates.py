@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import saved_state_dict
 
 from tncompress.errors import TncompressError
 from tncompress.gates import evaluate_gates, parse_gate
-from tncompress.models import ModelSpec, build_model
 
 
 def _report(*models: dict) -> dict:
@@ -63,9 +63,7 @@ def pair(tmp_path_factory):
     from tncompress.cli import app
 
     folder = tmp_path_factory.mktemp("gates")
-    torch.manual_seed(0)
-    base = folder / "l5.pt"
-    torch.save(build_model(ModelSpec("lenet5")).state_dict(), base)
+    base = saved_state_dict(folder, "lenet5", "l5.pt")
     recipe = folder / "r.yaml"
     recipe.write_text("version: 1\ncalibration: {seed: 7}\nlayers:\n  - {name: classifier.1, method: lowrank, rank: 8}\n")
     small = folder / "l5-lr.pt"

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import assert_user_error
+from conftest import assert_user_error, saved_state_dict
 from torch import nn
 from torch.utils.benchmark import Measurement
 from torch.utils.benchmark.utils.common import TaskSpec
@@ -21,7 +21,6 @@ from tncompress.finetune import DataOptions, normalization_source
 from tncompress.gates import evaluate_gates, parse_gate
 from tncompress.layers import TTLinear
 from tncompress.measure import LatencyStats, compare_latency, measure_latencies, measure_latency
-from tncompress.models import ModelSpec, build_model
 from tncompress.report import fmt_latency, fmt_speedup, summary_rows, to_markdown
 
 
@@ -151,9 +150,7 @@ def test_report_cells_say_noisy_or_not_significant_instead_of_a_figure():
 
 
 def _checkpoints(tmp_path, cli, mean_std: bool = False):
-    torch.manual_seed(0)
-    base = tmp_path / "l5.pt"
-    torch.save(build_model(ModelSpec("lenet5")).state_dict(), base)
+    base = saved_state_dict(tmp_path, "lenet5", "l5.pt")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("version: 1\nlayers:\n  - {name: classifier.1, method: lowrank, rank: 8}\n")
     small = tmp_path / "l5-lr.pt"
