@@ -113,3 +113,7 @@ def test_point_recipe_sets_ranks_or_budget():
     assert budgeted.budget == {"candidates": 4, "macs_ratio": 0.4}
     with pytest.raises(TncompressError, match="no rule decomposes"):
         point_recipe(parse_recipe({"version": 1, "defaults": {"Linear": {"method": "none"}}}), SweepPoint("rank", 2))
+    # a method alias is the method: `svd` is low-rank (was "no rule decomposes with a rank")
+    aliased = point_recipe(parse_recipe({"version": 1, "defaults": {"Linear": {"method": "svd"}},
+                                         "layers": [{"name": "conv1", "method": "tucker"}]}), SweepPoint("rank", 4))
+    assert aliased.defaults["Linear"]["rank"] == 4 and aliased.rules[0].settings["rank"] == 4

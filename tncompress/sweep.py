@@ -96,15 +96,23 @@ def point_recipe(recipe: Recipe, point: SweepPoint) -> Recipe:
     data.pop("budget", None)
     overrides = []
     for type_name, settings in (data.get("defaults") or {}).items():
-        if isinstance(settings, dict) and settings.get("method") in BUDGET_METHODS:
+        if isinstance(settings, dict) and _canonical(settings.get("method")) in BUDGET_METHODS:
             overrides.append(f"defaults.{type_name}.rank={int(point.value)}")
     for i, rule in enumerate(data.get("layers") or []):
-        if isinstance(rule, dict) and (rule.get("method") in BUDGET_METHODS or ("method" not in rule and "rank" in rule)):
+        if isinstance(rule, dict) and (_canonical(rule.get("method")) in BUDGET_METHODS
+                                       or ("method" not in rule and "rank" in rule)):
             overrides.append(f"layers.{i}.rank={int(point.value)}")
     if not overrides:
         raise TncompressError(f"{recipe.source}: no rule decomposes with a rank (tt, lowrank, cp, tucker2), so "
                               "--ranks has nothing to set; use --budgets")
     return parse_recipe(apply_overrides(data, overrides, source="--ranks"), source=recipe.source)
+
+
+def _canonical(method: Any) -> Any:
+    """A recipe's method name with aliases resolved (``svd`` → ``lowrank``), as the recipe parser does."""
+    from tncompress.methods import resolve_name
+
+    return resolve_name(method) if isinstance(method, str) else method
 
 
 def _recipe_hash(recipe: Recipe) -> str:
