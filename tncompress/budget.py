@@ -46,7 +46,7 @@ from tncompress.layers.base import dense_layout
 from tncompress.methods import all_methods, method_for_layer
 from tncompress.methods.base import Method, Settings
 from tncompress.outputs import output_tensor
-from tncompress.planner import LayerPlan, Plan, calibration_settings, example_batch, plan_layer
+from tncompress.planner import KEPT_FOR_GROWTH, LayerPlan, Plan, calibration_settings, example_batch, plan_layer
 from tncompress.recipe import LayerChoice, Recipe
 
 log = logging.getLogger(__name__)
@@ -837,7 +837,7 @@ def finish(scanned: BudgetScan, allocation: Allocation) -> Plan:
         err = float(lad.sens[rung]) if kl else math.sqrt(max(float(lad.sens[rung]), 0.0))
         measured = int(lad.measured[: lad.dense].sum())
         if lad.dropped:
-            plan.reason = f"budget: {lad.dropped.removeprefix('kept dense: ')}; kept dense"
+            plan.reason = f"budget: {lad.dropped.removeprefix(KEPT_FOR_GROWTH).strip()}; kept dense"
         elif rung == lad.dense:
             plan.reason = f"budget: more error per {unit} saved than elsewhere (candidates {lad.span()})"
         else:
@@ -903,7 +903,7 @@ def _slower(scanned: BudgetScan, k: int, rung: int) -> str | None:
     if rung == lad.dense or lad.plan.settings.get("allow_growth", False):
         return None
     plan = _replan(lad, rung, scanned.probe.shapes[lad.plan.name], scanned.source)
-    return plan.reason if plan.action == "keep" and plan.reason.startswith("kept dense:") else None
+    return plan.reason if plan.action == "keep" and plan.reason.startswith(KEPT_FOR_GROWTH) else None
 
 
 def slower_layers(scanned: BudgetScan, choice: Sequence[int]) -> dict[int, str]:

@@ -137,11 +137,7 @@ def check_classes(model: nn.Module, loaded: LoadedModel, dataset: str, example: 
     from tncompress.data import dataset_info
 
     n = dataset_info(dataset).num_classes
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        out = output_tensor(model(example[:1].to(next(model.parameters()).device)), str(loaded.path))
-    model.train(was)
+    out = _one_output(model, example[:1])
     if out.ndim != 2 or out.shape[1] != n:
         raise TncompressError(f"{loaded.path}: the model outputs shape {list(out.shape)} but {dataset} has {n} "
                               f"classes (build it with --arch-arg num_classes={n})")

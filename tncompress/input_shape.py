@@ -53,26 +53,28 @@ def first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
-def _position_table(model: nn.Module, first: nn.Module) -> int | None:
+def _position_table(model: nn.Module) -> int | None:
     """The length of a learned position table (nanoGPT's ``wpe``, BERT's ``position_embeddings``)."""
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1].lower()
-        if module is not first and isinstance(module, nn.Embedding) and ("pos" in leaf or leaf == "wpe"):
+        if isinstance(module, nn.Embedding) and ("pos" in leaf or leaf == "wpe"):
             return int(module.num_embeddings)
     return None
 
 
 def _from_first_layer(model: nn.Module) -> InputShape | None:
+    from tncompress.planner import token_vocabulary
+
     found = first_layer(model)
     if found is None:
         return None
     name, module = found
-    if isinstance(module, nn.Linear):
-        return InputShape([1, int(module.in_features)], f"its first layer {name} (Linear, {module.in_features} inputs)")
-    if isinstance(module, nn.Embedding) or hasattr(module, "num_embeddings"):
-        table = _position_table(model, module)
+    if token_vocabulary(model) is not None:  # the planner's rule for a model that takes token ids
+        table = _position_table(model)
         tokens = min(DEFAULT_TOKENS, table) if table else DEFAULT_TOKENS
         return InputShape([1, tokens], f"its first layer {name} (an embedding; {tokens} token ids)")
+    if isinstance(module, nn.Linear):
+        return InputShape([1, int(module.in_features)], f"its first layer {name} (Linear, {module.in_features} inputs)")
     return None
 
 
@@ -88,9 +90,8 @@ def _from_dataset(model: nn.Module, dataset: str) -> InputShape | None:
 
 
 def _from_architecture(spec: ModelSpec | None) -> InputShape | None:
-    if spec is None:
-        return None
-    if spec.arch in BUILTIN_MODELS or spec.arch.startswith("torchvision:"):
+    """torchvision's 3×224×224 (the reference nets were taken before the dataset)."""
+    if spec is not None and spec.arch.startswith("torchvision:"):
         return InputShape(spec.default_input_shape(), f"the default of {spec.arch}")
     return None
 

@@ -322,10 +322,13 @@ def plan_layer(choice: LayerChoice, module: nn.Module,
     plan.reason = method.describe(planned)
     growth = growth_reason(plan, method.dense_compute)
     if growth and not choice.settings.get("allow_growth", False):
-        return keep_dense(plan, f"kept dense: {name} {plan.ranks} {growth}; a layer is never made larger or slower "
-                                "unless its rule says allow_growth: true")
+        return keep_dense(plan, f"{KEPT_FOR_GROWTH} {name} {plan.ranks} {growth}; a layer is never made larger or "
+                                "slower unless its rule says allow_growth: true")
     growth_notes(plan)
     return plan
+
+
+KEPT_FOR_GROWTH = "kept dense:"  # how the reason of a layer kept dense by :func:`growth_reason` starts
 
 
 def growth_reason(plan: LayerPlan, dense_compute: bool = False) -> str | None:
